@@ -1,0 +1,56 @@
+"""scanlib: one selective-scan API over interchangeable kernels, plus 2D scan routes.
+
+Importing scanlib imports no optional backend package (numba, triton, cupy) and probes no device.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BackendUnavailableError,
+    MissingDependencyError,
+    ScanInputError,
+    ScanlibError,
+    UnknownBackendError,
+)
+from .inputs import BCForm, Feature, ScanInputs
+from .reference import selective_scan_ref
+from .registry import (
+    Backend,
+    Requirement,
+    available_backends,
+    current_selection,
+    get_backend,
+    register_backend,
+    registered_backends,
+    set_backend,
+    unregister_backend,
+    use_backend,
+)
+from .scan import explain, scan_inputs, selective_scan
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "BCForm",
+    "Feature",
+    "MissingDependencyError",
+    "Requirement",
+    "ScanInputError",
+    "ScanInputs",
+    "ScanlibError",
+    "UnknownBackendError",
+    "available_backends",
+    "current_selection",
+    "explain",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "scan_inputs",
+    "selective_scan",
+    "selective_scan_ref",
+    "set_backend",
+    "unregister_backend",
+    "use_backend",
+]
+
+__version__ = "0.1.0"
