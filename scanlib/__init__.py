@@ -13,6 +13,7 @@ from .errors import (
     UnknownBackendError,
 )
 from .inputs import BCForm, Feature, ScanInputs
+from .ops import through_custom_op
 from .reference import selective_scan_ref
 from .registry import (
     Backend,
@@ -49,6 +50,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_ref",
     "set_backend",
+    "through_custom_op",
     "unregister_backend",
     "use_backend",
 ]

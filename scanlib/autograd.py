@@ -60,7 +60,9 @@ class _ScanFunction(torch.autograd.Function):
         return tuple(result)
 
 
-def scan_with_autograd(kernels: ScanKernels, inputs: ScanInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_with_autograd(
+    kernels: ScanKernels, inputs: ScanInputs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``kernels`` on ``inputs``; differentiable when any input requires grad."""
     if not inputs.needs_grad:
         out, last, _ = kernels.forward(inputs)

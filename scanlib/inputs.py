@@ -98,7 +98,9 @@ class ScanInputs:
         u = self.u
         for name in ("u", "delta", "A", "B", "C"):
             if not isinstance(getattr(self, name), torch.Tensor):
-                raise ScanInputError(f"{name}: expected a torch.Tensor, got {type(getattr(self, name)).__name__}")
+                raise ScanInputError(
+                    f"{name}: expected a torch.Tensor, got {type(getattr(self, name)).__name__}"
+                )
         if u.dim() != 3:
             raise ScanInputError(f"u: expected shape [B, D, L] (3 dims), got {_shape(u)}")
         b, d, L = u.shape
@@ -127,13 +129,19 @@ class ScanInputs:
         # dtypes: one input dtype for the [.., L] tensors; parameters in the compute dtype
         dt = u.dtype
         if dt not in INPUT_DTYPES:
-            raise ScanInputError(f"u: dtype {dt} is not supported; use float32, float16, bfloat16 or float64")
+            raise ScanInputError(
+                f"u: dtype {dt} is not supported; use float32, float16, bfloat16 or float64"
+            )
         for name in ("delta", "B", "C", "z"):
             t = getattr(self, name)
-            if t is None or (name in ("B", "C") and getattr(self, f"{name}_form") is BCForm.CONSTANT):
+            if t is None or (
+                name in ("B", "C") and getattr(self, f"{name}_form") is BCForm.CONSTANT
+            ):
                 continue
             if t.dtype != dt:
-                raise ScanInputError(f"{name}: dtype {t.dtype} differs from u's {dt}; u, delta, B, C and z share one dtype")
+                raise ScanInputError(
+                    f"{name}: dtype {t.dtype} differs from u's {dt}; u, delta, B, C and z share one dtype"
+                )
         cdt = self.compute_dtype
         for name in ("A", "D", "delta_bias"):
             t = getattr(self, name)
@@ -147,8 +155,14 @@ class ScanInputs:
                 )
         for name in ("B", "C"):
             t = getattr(self, name)
-            if getattr(self, f"{name}_form") is BCForm.CONSTANT and t.dtype not in (dt, torch.float32, cdt):
-                raise ScanInputError(f"{name}: constant B/C dtype {t.dtype} must be {dt} or float32")
+            if getattr(self, f"{name}_form") is BCForm.CONSTANT and t.dtype not in (
+                dt,
+                torch.float32,
+                cdt,
+            ):
+                raise ScanInputError(
+                    f"{name}: constant B/C dtype {t.dtype} must be {dt} or float32"
+                )
         if self.initial_state is not None and self.initial_state.dtype not in (torch.float32, cdt):
             raise ScanInputError(f"initial_state: dtype {self.initial_state.dtype} must be {cdt}")
         if self.out_dtype is not None:
@@ -161,7 +175,9 @@ class ScanInputs:
         for name in ("delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"):
             t = getattr(self, name)
             if t is not None and t.device != dev:
-                raise ScanInputError(f"{name}: on device {t.device}, but u is on {dev}; all tensors must share one device")
+                raise ScanInputError(
+                    f"{name}: on device {t.device}, but u is on {dev}; all tensors must share one device"
+                )
 
     def _bc_form(self, name: str, t: torch.Tensor) -> tuple[BCForm, int]:
         b, d, L, n = self.batch, self.dim, self.seqlen, self.dstate
@@ -174,7 +190,9 @@ class ScanInputs:
         if t.dim() == 4:
             g = t.shape[1]
             if g < 1 or d % g != 0:
-                raise ScanInputError(f"{name}: D={d} is not divisible by the number of groups G={g}")
+                raise ScanInputError(
+                    f"{name}: D={d} is not divisible by the number of groups G={g}"
+                )
             _expect(name, t, (b, g, n, L), "B,G,N,L")
             return BCForm.GROUPED, g
         raise ScanInputError(
@@ -200,10 +218,22 @@ class ScanInputs:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors() if t is not None)
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in self.tensors() if t is not None
+        )
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.u, self.delta, self.A, self.B, self.C, self.D, self.z, self.delta_bias, self.initial_state)
+        return (
+            self.u,
+            self.delta,
+            self.A,
+            self.B,
+            self.C,
+            self.D,
+            self.z,
+            self.delta_bias,
+            self.initial_state,
+        )
 
     @property
     def features(self) -> frozenset[Feature]:

@@ -74,7 +74,18 @@ def selective_scan_ref(
 ):
     """Reference selective scan with the same signature as :func:`scanlib.selective_scan`."""
     inputs = ScanInputs(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, out_dtype
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        return_last_state,
+        initial_state,
+        out_dtype,
     )
     out, last = selective_scan_ref_inputs(inputs)
     return (out, last) if return_last_state else out

@@ -80,7 +80,9 @@ class Backend:
         out = []
         for req in self.requires:
             if importlib.util.find_spec(req.module) is None:
-                out.append(f"the package '{req.module}' is not installed: pip install 'scanlib-vmamba[{req.extra}]'")
+                out.append(
+                    f"the package '{req.module}' is not installed: pip install 'scanlib-vmamba[{req.extra}]'"
+                )
         return out
 
     def device_reasons(self, device: torch.device) -> list[str]:
@@ -145,7 +147,9 @@ _BUILTIN = {
 }
 
 
-def register_backend(backend: str | type[Backend] | Backend, name: str | None = None, *, replace: bool = False) -> None:
+def register_backend(
+    backend: str | type[Backend] | Backend, name: str | None = None, *, replace: bool = False
+) -> None:
     """Register a backend: an instance, a class, or a lazy ``"module:attr"`` path (then give ``name``)."""
     if isinstance(backend, str):
         if name is None:
@@ -220,7 +224,9 @@ def get_backend(name: str) -> Backend:
     _ensure_builtin()
     entry = _entries.get(name)
     if entry is None:
-        raise UnknownBackendError(f"unknown scanlib backend {name!r}; known backends: {', '.join(registered_backends())}")
+        raise UnknownBackendError(
+            f"unknown scanlib backend {name!r}; known backends: {', '.join(registered_backends())}"
+        )
     inst = _load(entry)
     if inst is None:
         raise MissingDependencyError(f"backend {name!r} failed to load: {entry.load_error}")
@@ -243,7 +249,9 @@ def available_backends() -> list[str]:
 
 
 # ---------------------------------------------------------------------- selection state
-_context: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("scanlib_backend", default=None)
+_context: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "scanlib_backend", default=None
+)
 _global: tuple[str, ...] | None = None
 
 
@@ -257,7 +265,9 @@ def _normalize(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
     _ensure_builtin()
     for n in names:
         if n not in _entries:
-            raise UnknownBackendError(f"unknown scanlib backend {n!r}; known backends: {', '.join(registered_backends())}")
+            raise UnknownBackendError(
+                f"unknown scanlib backend {n!r}; known backends: {', '.join(registered_backends())}"
+            )
     return names
 
 
@@ -277,7 +287,9 @@ def use_backend(spec: str | Sequence[str] | None) -> Iterator[None]:
         _context.reset(token)
 
 
-def current_selection(backend: str | Sequence[str] | None = None) -> tuple[tuple[str, ...] | None, str]:
+def current_selection(
+    backend: str | Sequence[str] | None = None,
+) -> tuple[tuple[str, ...] | None, str]:
     """The names in force and where they come from (per-call, context, global, env, auto)."""
     if backend is not None:
         return _normalize(backend), "backend= argument"
@@ -298,7 +310,9 @@ def select(inputs: OpInputs, backend: str | Sequence[str] | None = None) -> Back
     names, source = current_selection(backend)
     if names is not None:
         # a named backend that failed to load stays a candidate, so its load error is reported
-        implementing = [n for n in names if _load(_entries[n]) is None or inputs.op in _entries[n].instance.ops]
+        implementing = [
+            n for n in names if _load(_entries[n]) is None or inputs.op in _entries[n].instance.ops
+        ]
         if implementing:
             reasons: dict[str, list[str]] = {}
             for n in implementing:

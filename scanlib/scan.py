@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import registry
+from . import ops, registry
 from .inputs import ScanInputs
 
 
@@ -40,8 +40,36 @@ def selective_scan(
     (float64 for float64 inputs). Returns ``out`` or ``(out, last_state)``; gradients reach every
     tensor input and flow through ``last_state``. ``backend`` overrides the selection for this call.
     """
+    if ops.use_custom_op():
+        # one opaque node for torch.compile / dispatch modes; validation runs inside the op
+        out, last = ops.selective_scan_op(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            initial_state,
+            delta_softplus,
+            out_dtype,
+            ops.backend_spec(backend),
+        )
+        return (out, last) if return_last_state else out
     inputs = ScanInputs(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, out_dtype
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        return_last_state,
+        initial_state,
+        out_dtype,
     )
     impl = registry.select(inputs, backend)
     out, last = impl.selective_scan(inputs)

@@ -60,7 +60,11 @@ class ScanCase:
         def rnd(*shape, scale=1.0, shift=0.0, dtype=self.dtype):
             return (torch.randn(*shape, generator=g) * scale + shift).to(dtype)
 
-        bc_shape = {BCForm.CONSTANT: (d, n), BCForm.SEQUENCE: (b, n, L), BCForm.GROUPED: (b, self.groups, n, L)}
+        bc_shape = {
+            BCForm.CONSTANT: (d, n),
+            BCForm.SEQUENCE: (b, n, L),
+            BCForm.GROUPED: (b, self.groups, n, L),
+        }
 
         if self.delta_softplus:
             delta = rnd(b, d, L, scale=1.0, shift=-1.0)
@@ -70,8 +74,12 @@ class ScanCase:
             u=rnd(b, d, L),
             delta=delta,
             A=-torch.exp(torch.rand(d, n, generator=g) * 3.0 - 2.0).to(pdt),
-            B=rnd(*bc_shape[self.B_form], dtype=pdt if self.B_form is BCForm.CONSTANT else self.dtype),
-            C=rnd(*bc_shape[self.C_form], dtype=pdt if self.C_form is BCForm.CONSTANT else self.dtype),
+            B=rnd(
+                *bc_shape[self.B_form], dtype=pdt if self.B_form is BCForm.CONSTANT else self.dtype
+            ),
+            C=rnd(
+                *bc_shape[self.C_form], dtype=pdt if self.C_form is BCForm.CONSTANT else self.dtype
+            ),
             D=rnd(d, dtype=pdt) if self.has_D else None,
             z=rnd(b, d, L) if self.has_z else None,
             # without softplus keep delta + bias > 0: a growing state would overflow float32 for real
@@ -169,7 +177,14 @@ def assert_scan_close(
     tol = (tolerances or TOLERANCES)[case.dtype]
     kw = case.make(device, requires_grad=check_grads)
     # the truth: the same values upcast to float64, on the CPU
-    ref_kw = {k: (v.detach().cpu().to(torch.float64).requires_grad_(check_grads) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref_kw = {
+        k: (
+            v.detach().cpu().to(torch.float64).requires_grad_(check_grads)
+            if isinstance(v, torch.Tensor)
+            else v
+        )
+        for k, v in kw.items()
+    }
     ref_kw["out_dtype"] = None
     ref_kw["return_last_state"] = True
     ref_out, ref_last = selective_scan_ref_inputs(ScanInputs(**ref_kw))
@@ -177,7 +192,9 @@ def assert_scan_close(
     res = selective_scan(**kw, backend=backend)
     out, last = res if case.return_last_state else (res, None)
     expected_dtype = torch.float32 if case.out_float32 else case.dtype
-    assert out.dtype == expected_dtype, f"{backend}: output dtype {out.dtype}, expected {expected_dtype}"
+    assert out.dtype == expected_dtype, (
+        f"{backend}: output dtype {out.dtype}, expected {expected_dtype}"
+    )
     assert out.shape == (case.batch, case.dim, case.seqlen)
     errors = {"out": rel_error(out, ref_out)}
     if last is not None:
@@ -197,8 +214,12 @@ def assert_scan_close(
         ref_grads = torch.autograd.grad(ref_loss, [ref_kw[n] for n in names], allow_unused=True)
         for n, gr, rg in zip(names, grads, ref_grads):
             assert gr is not None, f"{backend}: no gradient for {n}"
-            assert gr.shape == kw[n].shape and gr.dtype == kw[n].dtype, f"{backend}: gradient of {n} has shape {tuple(gr.shape)} {gr.dtype}"
-            errors[f"d{n}"] = rel_error(gr, rg if rg is not None else torch.zeros_like(gr, dtype=torch.float64))
+            assert gr.shape == kw[n].shape and gr.dtype == kw[n].dtype, (
+                f"{backend}: gradient of {n} has shape {tuple(gr.shape)} {gr.dtype}"
+            )
+            errors[f"d{n}"] = rel_error(
+                gr, rg if rg is not None else torch.zeros_like(gr, dtype=torch.float64)
+            )
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"{backend} differs from the float64 reference beyond {tol:g} on {case}: {bad}"
     return errors

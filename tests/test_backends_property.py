@@ -16,7 +16,11 @@ from scanlib.testing import assert_scan_close, backend_reasons, scan_cases
 SETTINGS = {
     "triton": dict(seqlens=(1, 2, 7, 63, 65, 130), max_elements=1 << 12, dims=(1, 2, 3, 5, 6, 12)),
 }
-DEVICE = {"triton": "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda", "cupy": "cuda", "cuda": "cuda"}
+DEVICE = {
+    "triton": "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda",
+    "cupy": "cuda",
+    "cuda": "cuda",
+}
 
 BACKENDS = [b for b in scanlib.registered_backends() if b not in ("reference",)]
 

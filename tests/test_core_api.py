@@ -9,8 +9,8 @@ import torch
 
 import scanlib
 from scanlib import selective_scan
-from scanlib.testing import ScanCase
 from scanlib.inputs import BCForm
+from scanlib.testing import ScanCase
 
 
 def _args(b=2, d=4, L=5, n=3, dtype=torch.float32):
@@ -117,7 +117,11 @@ def test_explain_and_available():
     info = scanlib.explain(*_args())
     assert info["torch"] == []
     assert info["selected"][0] in scanlib.available_backends()
-    assert any("cuda" in " ".join(r) or "not installed" in " ".join(r) for k, r in info.items() if k in ("cuda", "cupy"))
+    assert any(
+        "cuda" in " ".join(r) or "not installed" in " ".join(r)
+        for k, r in info.items()
+        if k in ("cuda", "cupy")
+    )
 
 
 def test_missing_package_names_the_extra():
@@ -127,7 +131,9 @@ def test_missing_package_names_the_extra():
 
     scanlib.register_backend(NeedsPkg(), replace=True)
     try:
-        with pytest.raises(scanlib.BackendUnavailableError, match=r"pip install 'scanlib-vmamba\[nosuch\]'"):
+        with pytest.raises(
+            scanlib.BackendUnavailableError, match=r"pip install 'scanlib-vmamba\[nosuch\]'"
+        ):
             selective_scan(*_args(), backend="needspkg")
     finally:
         scanlib.unregister_backend("needspkg")
@@ -137,13 +143,28 @@ def test_missing_package_names_the_extra():
     "change, match",
     [
         (lambda a: a.__setitem__(0, torch.randn(2, 4)), r"u: expected shape \[B, D, L\]"),
-        (lambda a: a.__setitem__(1, torch.rand(2, 4, 6)), r"delta: expected shape \[B=2, D=4, L=5\], got \[2, 4, 6\]"),
+        (
+            lambda a: a.__setitem__(1, torch.rand(2, 4, 6)),
+            r"delta: expected shape \[B=2, D=4, L=5\], got \[2, 4, 6\]",
+        ),
         (lambda a: a.__setitem__(2, torch.rand(3, 3)), r"A: expected shape \[D=4, N\]"),
-        (lambda a: a.__setitem__(3, torch.randn(2, 3, 3, 5)), r"B: D=4 is not divisible by the number of groups G=3"),
+        (
+            lambda a: a.__setitem__(3, torch.randn(2, 3, 3, 5)),
+            r"B: D=4 is not divisible by the number of groups G=3",
+        ),
         (lambda a: a.__setitem__(4, torch.randn(2, 2, 5)), r"C: expected shape \[B=2, N=3, L=5\]"),
-        (lambda a: a.__setitem__(1, torch.rand(2, 4, 5, dtype=torch.float64)), "delta: dtype torch.float64 differs"),
-        (lambda a: a.__setitem__(2, -torch.rand(4, 3, dtype=torch.float16)), "A: dtype torch.float16 is not allowed"),
-        (lambda a: a.__setitem__(0, torch.randint(0, 3, (2, 4, 5))), "u: dtype torch.int64 is not supported"),
+        (
+            lambda a: a.__setitem__(1, torch.rand(2, 4, 5, dtype=torch.float64)),
+            "delta: dtype torch.float64 differs",
+        ),
+        (
+            lambda a: a.__setitem__(2, -torch.rand(4, 3, dtype=torch.float16)),
+            "A: dtype torch.float16 is not allowed",
+        ),
+        (
+            lambda a: a.__setitem__(0, torch.randint(0, 3, (2, 4, 5))),
+            "u: dtype torch.int64 is not supported",
+        ),
     ],
 )
 def test_bad_input(change, match):
@@ -157,7 +178,9 @@ def test_bad_optional_inputs():
     u, delta, A, B, C = _args()
     with pytest.raises(scanlib.ScanInputError, match=r"D: expected shape \[D=4\]"):
         selective_scan(u, delta, A, B, C, D=torch.randn(5))
-    with pytest.raises(scanlib.ScanInputError, match=r"initial_state: expected shape \[B=2, D=4, N=3\]"):
+    with pytest.raises(
+        scanlib.ScanInputError, match=r"initial_state: expected shape \[B=2, D=4, N=3\]"
+    ):
         selective_scan(u, delta, A, B, C, initial_state=torch.randn(2, 4))
     with pytest.raises(scanlib.ScanInputError, match="out_dtype"):
         selective_scan(u, delta, A, B, C, out_dtype=torch.float16)
@@ -182,7 +205,24 @@ def test_inputs_are_not_modified_and_strides_accepted():
 
 
 def test_gradcheck_reference_float64():
-    case = ScanCase(2, 4, 7, 3, BCForm.GROUPED, BCForm.CONSTANT, 2, True, True, True, True, True, True, torch.float64, False, 3)
+    case = ScanCase(
+        2,
+        4,
+        7,
+        3,
+        BCForm.GROUPED,
+        BCForm.CONSTANT,
+        2,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        torch.float64,
+        False,
+        3,
+    )
     kw = case.make()
     names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
     tensors = [kw[k] for k in names]
@@ -197,7 +237,24 @@ def test_gradcheck_reference_float64():
 
 
 def test_gradcheck_torch_backend_float64():
-    case = ScanCase(1, 6, 11, 2, BCForm.SEQUENCE, BCForm.GROUPED, 3, True, True, True, True, True, True, torch.float64, False, 5)
+    case = ScanCase(
+        1,
+        6,
+        11,
+        2,
+        BCForm.SEQUENCE,
+        BCForm.GROUPED,
+        3,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        torch.float64,
+        False,
+        5,
+    )
     kw = case.make()
     names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
 
@@ -218,7 +275,9 @@ def test_torch_long_sequence_matches_reference():
     A = -torch.exp(torch.rand(d, n, generator=g) * 3 - 2)
     B = torch.randn(b, 1, n, L, generator=g)
     C = torch.randn(b, 1, n, L, generator=g)
-    out, last = selective_scan(u, delta, A, B, C, delta_softplus=True, return_last_state=True, backend="torch")
+    out, last = selective_scan(
+        u, delta, A, B, C, delta_softplus=True, return_last_state=True, backend="torch"
+    )
     ref, ref_last = scanlib.selective_scan_ref(
         *(t.double() for t in (u, delta, A, B, C)), delta_softplus=True, return_last_state=True
     )
