@@ -147,7 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         workers=0,
         # At 8x8 tokens the chunked PyTorch scan is the fastest CPU backend and needs no JIT
         # compilation (numba's first compile alone costs ~45 s of CPU); on a GPU the compiled
-        # compiled kernel comes first (an ordered list: the first backend that can run wins).
+        # CUDA kernel comes first (an ordered list: the first backend that can run wins).
         scan_backend="cuda,torch",
         # Small tensors: one thread is about as fast as two, and does not collapse when the
         # cores are shared (OpenMP threads spin-wait for each other).
