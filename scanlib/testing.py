@@ -202,8 +202,11 @@ def assert_scan_close(
         errors["last_state"] = rel_error(last, ref_last)
     if check_grads:
         g = torch.Generator().manual_seed(case.seed + 1)
-        gout = torch.randn(out.shape, generator=g)
+        # the upstream gradients the backend sees (rounded to its output dtypes) feed the truth too
+        gout = torch.randn(out.shape, generator=g).to(out.dtype).to(torch.float32)
         glast = torch.randn(ref_last.shape, generator=g)
+        if last is not None:
+            glast = glast.to(last.dtype).to(torch.float32)
         names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
         loss = (out * gout.to(out.device, out.dtype)).sum()
         ref_loss = (ref_out * gout.to(torch.float64)).sum()
