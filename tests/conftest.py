@@ -21,6 +21,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("SCANLIB_HYPOTHESIS_PROFILE", "ci"))
 
+# Without a GPU the triton backend's kernels run in Triton's CPU interpreter (named backend only;
+# it never wins automatic selection there). Triton reads this when the kernels are first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
