@@ -1,0 +1,19 @@
+// bwd_f16.cu - backward kernels for __half inputs (one file per input dtype, so the
+// translation units compile in parallel).
+#include "launch.cuh"
+#include "scan_bwd.cuh"
+
+namespace scanlib {
+
+template <typename T, typename To>
+const char* launch_bwd(const KernelArgs& a, unsigned blocks, unsigned threads, size_t smem,
+                       void* stream) {
+    return launch_kernel(scan_bwd_kernel<T, To>, blocks, threads, smem, stream, a);
+}
+
+#define SCANLIB_BWD(T, To) \
+    template const char* launch_bwd<T, To>(const KernelArgs&, unsigned, unsigned, size_t, void*)
+SCANLIB_BWD(__half, __half);
+SCANLIB_BWD(__half, float);
+
+}  // namespace scanlib
