@@ -1,0 +1,465 @@
+"""numba kernels of the selective scan (imported on first use: importing it imports numba).
+
+Work layout: channels are cut into tiles of ``CT`` lanes that never straddle a group of B or C, so
+inside a tile grouped/per-sequence B_t and C_t are one scalar per (n, t) shared by every lane, and
+constant B/C are one vector per n. A tile's inputs are copied per chunk of ``chunk`` steps into a
+small time-major workspace [chunk, q, CT]; the time loop then runs over the chunk with every inner
+loop across the CT lanes, so the recurrence of CT channels advances in a few AVX instructions and
+no horizontal sum is needed per step (the issue's "vectorise across channels, not only N").
+
+Work is parallel over (batch, tile) in the forward and over (batch, part) in the backward, where a
+part is a run of tiles sharing their B and C groups: its per-lane dB/dC accumulators are summed
+across lanes once per chunk, not once per tile.
+
+Saved state: the state at the start of each chunk, [B, tiles, chunks, N, CT]; the backward
+recomputes a chunk's states from it, so memory is O(B D N L / chunk).
+
+Vectorisation notes: numba's heap arrays may alias as far as LLVM knows, so a loop writing one
+heap array while reading another gets runtime overlap checks or stays scalar. The hot loops
+therefore write only stack buffers (``_stack``) or one heap workspace indexed at constant offsets.
+
+Optional tensors travel as size-0 arrays plus flags (never None) and every array is C-contiguous,
+so each kernel compiles once per compute dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
+
+from ._math import fexp, silu, softplus
+from ._transpose import transpose_block
+
+#: lanes (channels) per tile: four AVX2 vectors of float32
+CT = 32
+
+# flags of scan_fwd
+F_SOFTPLUS, F_Z, F_BCONST, F_CCONST, F_H0, F_SAVE = range(6)
+# extra flags of scan_bwd
+F_DOUT, F_DLAST = 6, 7
+
+# rows of the forward's time-major workspace [chunk, 4, CT]
+_U, _DELTA, _Z, _Y = range(4)
+# rows of the backward's time-major workspace [chunk, 10, CT]
+_DOUT, _DL, _SIG, _YB, _DU, _DDELTA, _DZ = range(3, 10)
+# rows of the backward's state workspace [chunk, N, 4, CT]
+_H, _A, _ACCB, _ACCC = range(4)
+
+# The parallel kernels are a thin prange over work units calling a plain compiled function per
+# unit: numba's parfor passes then see a tiny loop body.
+_UNIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+_PAR = dict(_UNIT, parallel=True)
+
+
+@intrinsic
+def _stack_ptr(typingctx, n, like):
+    """Pointer to n uninitialised elements of like's dtype on the stack of the calling function."""
+    if not isinstance(n, types.Integer) or not isinstance(like, types.Array):
+        return None
+    dty = like.dtype
+
+    def codegen(context, builder, sig, args):
+        size = context.cast(builder, args[0], sig.args[0], types.intp)
+        ptr = builder.alloca(context.get_data_type(dty), size=size)
+        ptr.align = 64
+        return ptr
+
+    return types.CPointer(dty)(n, like), codegen
+
+
+@njit(inline="always")
+def _stack(rows, like, fill):
+    """A [rows, CT] stack buffer filled with ``fill``. Call it at function level, outside loops:
+    it lives until the unit function returns. LLVM knows it aliases no other memory."""
+    a = carray(_stack_ptr(rows * CT, like), (rows, CT))
+    for r in range(rows):
+        for c in range(CT):
+            a[r, c] = fill
+    return a
+
+
+@njit(**_PAR)
+def scan_fwd(u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved):  # fmt: skip
+    """Forward. u, delta, z, out: [Bt, D, L]; A: [D, N]; dbias, Dp: [D]; Bg/Cg: [Bt, G, N, L]
+    (grouped forms) and Bc/Cc: [D, N] (constant forms), the unused one size 0; h0, last:
+    [Bt, D, N]; tiles: [T, 2] (first channel, lanes); saved: [Bt, T, chunks, N, CT]."""
+    n_units = u.shape[0] * tiles.shape[0]
+    for w in prange(n_units):
+        _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved)  # fmt: skip
+
+
+@njit(**_UNIT)
+def _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved):  # fmt: skip
+    """One (batch, tile) of the forward."""
+    nd = u.shape[1]
+    L = u.shape[2]
+    N = A.shape[1]
+    ntiles = tiles.shape[0]
+    nchunks = (L + chunk - 1) // chunk
+    sp = flags[F_SOFTPLUS] != 0
+    has_z = flags[F_Z] != 0
+    bconst = flags[F_BCONST] != 0
+    cconst = flags[F_CCONST] != 0
+    has_h0 = flags[F_H0] != 0
+    save = flags[F_SAVE] != 0
+    b = w // ntiles
+    ti = w - b * ntiles
+    d0 = tiles[ti, 0]
+    cnt = tiles[ti, 1]
+    gb = d0 // b_per
+    gc = d0 // c_per
+    # per-lane parameters; padded lanes (c >= cnt) keep A = 0 and u = 0: their state stays 0
+    Al = _stack(N, u, 0)
+    BL = _stack(N, u, 1)
+    CL = _stack(N, u, 1)
+    h = _stack(N, u, 0)
+    lane = _stack(5, u, 0)  # rows: bias, D, dl, dl*u, y
+    for c in range(cnt):
+        d = d0 + c
+        lane[0, c] = dbias[d]
+        lane[1, c] = Dp[d]
+        for n in range(N):
+            Al[n, c] = A[d, n]
+            if bconst:
+                BL[n, c] = Bc[d, n]
+            if cconst:
+                CL[n, c] = Cc[d, n]
+            if has_h0:
+                h[n, c] = h0[b, d, n]
+    bias = lane[0]
+    Dl = lane[1]
+    dl = lane[2]
+    dlu = lane[3]
+    y = lane[4]
+    T = _zeros3(chunk, 4, u)
+    Tf = T.reshape(T.size)
+    uf = u.reshape(u.size)
+    deltaf = delta.reshape(delta.size)
+    zf = z.reshape(z.size)
+    outf = out.reshape(out.size)
+    BT = _ones2(chunk, N, u)
+    CTm = _ones2(chunk, N, u)
+    for k in range(nchunks):
+        t0 = k * chunk
+        tl = min(chunk, L - t0)
+        if save:
+            for n in range(N):
+                for c in range(CT):
+                    saved[b, ti, k, n, c] = h[n, c]
+        row0 = (b * nd + d0) * L + t0  # flat offset of (b, d0, t0) in u, delta, z, out
+        transpose_block(uf, row0, L, Tf, _U * CT, 4 * CT, cnt, tl)
+        transpose_block(deltaf, row0, L, Tf, _DELTA * CT, 4 * CT, cnt, tl)
+        if has_z:
+            transpose_block(zf, row0, L, Tf, _Z * CT, 4 * CT, cnt, tl)
+        if not bconst:
+            for n in range(N):
+                for t in range(tl):
+                    BT[t, n] = Bg[b, gb, n, t0 + t]
+        if not cconst:
+            for n in range(N):
+                for t in range(tl):
+                    CTm[t, n] = Cg[b, gc, n, t0 + t]
+        for t in range(tl):
+            if sp:
+                for c in range(CT):
+                    dl[c] = softplus(T[t, _DELTA, c] + bias[c])[0]
+            else:
+                for c in range(CT):
+                    dl[c] = T[t, _DELTA, c] + bias[c]
+            for c in range(CT):
+                dlu[c] = dl[c] * T[t, _U, c]
+                y[c] = Dl[c] * T[t, _U, c]
+            for n in range(N):
+                bt = BT[t, n]
+                ct = CTm[t, n]
+                for c in range(CT):
+                    hh = fexp(dl[c] * Al[n, c]) * h[n, c] + dlu[c] * (bt * BL[n, c])
+                    h[n, c] = hh
+                    y[c] += hh * (ct * CL[n, c])
+            if has_z:
+                for c in range(CT):
+                    T[t, _Y, c] = y[c] * silu(T[t, _Z, c])[0]
+            else:
+                for c in range(CT):
+                    T[t, _Y, c] = y[c]
+        transpose_block(Tf, _Y * CT, 4 * CT, outf, row0, L, tl, cnt)
+    for c in range(cnt):
+        for n in range(N):
+            last[b, d0 + c, n] = h[n, c]
+
+
+@njit(inline="always")
+def _zeros3(a, q, like):
+    return np.zeros((a, q, CT), like.dtype)
+
+
+@njit(inline="always")
+def _ones2(a, n, like):
+    return np.ones((a, n), like.dtype)
+
+
+@njit(**_PAR)
+def scan_bwd(
+    u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, tiles, parts, b_per, c_per, flags, chunk, saved, dout, dlast,
+    du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p, dBc_p, dCc_p, dh0,
+):  # fmt: skip
+    """Backward. Inputs as in scan_fwd plus saved (its output), dout [Bt, D, L], dlast [Bt, D, N]
+    and parts [P, 2] (tile ranges sharing B/C groups). Writes du, ddelta, dz [Bt, D, L]; per-batch
+    partial sums dA_p, dBc_p, dCc_p [Bt, D, N], dD_p, dbias_p [Bt, D]; per-part partial sums
+    dB_p, dC_p [Bt, P, N, L] (grouped forms); dh0 [Bt, D, N]."""
+    n_units = u.shape[0] * parts.shape[0]
+    for w in prange(n_units):
+        _bwd_unit(
+            w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, tiles, parts, b_per, c_per, flags, chunk, saved, dout,
+            dlast, du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p, dBc_p, dCc_p, dh0,
+        )  # fmt: skip
+
+
+@njit(**_UNIT)
+def _bwd_unit(
+    w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, tiles, parts, b_per, c_per, flags, chunk, saved, dout, dlast,
+    du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p, dBc_p, dCc_p, dh0,
+):  # fmt: skip
+    """One (batch, part) of the backward."""
+    nd = u.shape[1]
+    L = u.shape[2]
+    N = A.shape[1]
+    dt = u.dtype
+    nparts = parts.shape[0]
+    nchunks = (L + chunk - 1) // chunk
+    sp = flags[F_SOFTPLUS] != 0
+    has_z = flags[F_Z] != 0
+    bconst = flags[F_BCONST] != 0
+    cconst = flags[F_CCONST] != 0
+    has_h0 = flags[F_H0] != 0
+    has_dout = flags[F_DOUT] != 0
+    has_dlast = flags[F_DLAST] != 0
+    b = w // nparts
+    p = w - b * nparts
+    ts = parts[p, 0]
+    ntu = parts[p, 1] - ts
+    gb = tiles[ts, 0] // b_per
+    gc = tiles[ts, 0] // c_per
+    # running sums of each tile, kept between chunks: g (= a_{t+1} dL/dh_{t+1}), dA, dB, dC
+    # (constant forms), dD, dbias; padded lanes stay 0
+    run = np.zeros((ntu, N, 4, CT), dt)
+    run1 = np.zeros((ntu, 2, CT), dt)
+    if has_dlast:
+        for j in range(ntu):
+            d0 = tiles[ts + j, 0]
+            for c in range(tiles[ts + j, 1]):
+                for n in range(N):
+                    run[j, n, 0, c] = dlast[b, d0 + c, n]
+    # stack copies of one tile's parameters and running sums while it is processed
+    Al = _stack(N, u, 0)
+    BL = _stack(N, u, 1)
+    CL = _stack(N, u, 1)
+    g = _stack(N, u, 0)
+    dAl = _stack(N, u, 0)
+    dBl = _stack(N, u, 0)
+    dCl = _stack(N, u, 0)
+    hv = _stack(N, u, 0)
+    tmp = _stack(4, u, 0)  # one step's h, a, dC and dB terms on their way to/from W
+    lane = _stack(10, u, 0)  # rows: bias, D, dl, dl*u, y, dy, d(dl*u), d(dl), dD, dbias
+    bias = lane[0]
+    Dl = lane[1]
+    dl = lane[2]
+    dlu = lane[3]
+    y = lane[4]
+    dy = lane[5]
+    ddlu = lane[6]
+    ddl = lane[7]
+    dDv = lane[8]
+    dbv = lane[9]
+    T = _zeros3(chunk, 10, u)
+    Tf = T.reshape(T.size)
+    uf = u.reshape(u.size)
+    deltaf = delta.reshape(delta.size)
+    zf = z.reshape(z.size)
+    doutf = dout.reshape(dout.size)
+    duf = du.reshape(du.size)
+    ddeltaf = ddelta.reshape(ddelta.size)
+    dzf = dz.reshape(dz.size)
+    W = np.zeros((chunk, N, 4, CT), dt)
+    BT = _ones2(chunk, N, u)
+    CTm = _ones2(chunk, N, u)
+    for k in range(nchunks - 1, -1, -1):
+        t0 = k * chunk
+        tl = min(chunk, L - t0)
+        if not bconst:
+            for n in range(N):
+                for t in range(tl):
+                    BT[t, n] = Bg[b, gb, n, t0 + t]
+        if not cconst:
+            for n in range(N):
+                for t in range(tl):
+                    CTm[t, n] = Cg[b, gc, n, t0 + t]
+        for j in range(ntu):
+            ti = ts + j
+            d0 = tiles[ti, 0]
+            cnt = tiles[ti, 1]
+            # load the tile: parameters, running sums, the chunk's inputs (padded lanes: zeros)
+            for c in range(CT):
+                bias[c] = 0
+                Dl[c] = 0
+                dDv[c] = run1[j, 0, c]
+                dbv[c] = run1[j, 1, c]
+                for n in range(N):
+                    Al[n, c] = 0
+                    g[n, c] = run[j, n, 0, c]
+                    dAl[n, c] = run[j, n, 1, c]
+                    dBl[n, c] = run[j, n, 2, c]
+                    dCl[n, c] = run[j, n, 3, c]
+                    hv[n, c] = saved[b, ti, k, n, c]
+            for c in range(cnt):
+                d = d0 + c
+                bias[c] = dbias[d]
+                Dl[c] = Dp[d]
+                for n in range(N):
+                    Al[n, c] = A[d, n]
+                    if bconst:
+                        BL[n, c] = Bc[d, n]
+                    if cconst:
+                        CL[n, c] = Cc[d, n]
+            for t in range(tl):
+                for q in range(_DOUT + 1):
+                    for c in range(cnt, CT):
+                        T[t, q, c] = 0
+            row0 = (b * nd + d0) * L + t0  # flat offset of (b, d0, t0) in the [Bt, D, L] tensors
+            transpose_block(uf, row0, L, Tf, _U * CT, 10 * CT, cnt, tl)
+            transpose_block(deltaf, row0, L, Tf, _DELTA * CT, 10 * CT, cnt, tl)
+            if has_z:
+                transpose_block(zf, row0, L, Tf, _Z * CT, 10 * CT, cnt, tl)
+            if has_dout:
+                transpose_block(doutf, row0, L, Tf, _DOUT * CT, 10 * CT, cnt, tl)
+            # recompute the chunk's states (and a_t, y_t) from its saved start state
+            for t in range(tl):
+                if sp:
+                    for c in range(CT):
+                        s, sg = softplus(T[t, _DELTA, c] + bias[c])
+                        dl[c] = s
+                        T[t, _SIG, c] = sg
+                else:
+                    for c in range(CT):
+                        dl[c] = T[t, _DELTA, c] + bias[c]
+                for c in range(CT):
+                    T[t, _DL, c] = dl[c]
+                    dlu[c] = dl[c] * T[t, _U, c]
+                    y[c] = Dl[c] * T[t, _U, c]
+                for n in range(N):
+                    bt = BT[t, n]
+                    ct = CTm[t, n]
+                    for c in range(CT):
+                        a = fexp(dl[c] * Al[n, c])
+                        hh = a * hv[n, c] + dlu[c] * (bt * BL[n, c])
+                        hv[n, c] = hh
+                        tmp[0, c] = a
+                        y[c] += hh * (ct * CL[n, c])
+                    for c in range(CT):
+                        W[t, n, _H, c] = hv[n, c]
+                        W[t, n, _A, c] = tmp[0, c]
+                for c in range(CT):
+                    T[t, _YB, c] = y[c]
+            # reverse: g_t = a_{t+1} g_{t+1} + dy_t C_t (g holds a_{t+1} g_{t+1} on entry)
+            for t in range(tl - 1, -1, -1):
+                if has_z:
+                    for c in range(CT):
+                        s, ds = silu(T[t, _Z, c])
+                        T[t, _DZ, c] = T[t, _DOUT, c] * T[t, _YB, c] * ds
+                        dy[c] = T[t, _DOUT, c] * s
+                else:
+                    for c in range(CT):
+                        dy[c] = T[t, _DOUT, c]
+                for c in range(CT):
+                    dl[c] = T[t, _DL, c]
+                    dlu[c] = dl[c] * T[t, _U, c]
+                    dDv[c] += dy[c] * T[t, _U, c]
+                    ddlu[c] = 0
+                    ddl[c] = 0
+                for n in range(N):
+                    bt = BT[t, n]
+                    ct = CTm[t, n]
+                    for c in range(CT):
+                        tmp[0, c] = W[t, n, _H, c]
+                        tmp[1, c] = W[t, n, _A, c]
+                    for c in range(CT):
+                        bb = bt * BL[n, c]
+                        gg = g[n, c] + dy[c] * (ct * CL[n, c])
+                        hh = tmp[0, c]
+                        tmp[2, c] = dy[c] * hh
+                        tmp[3, c] = gg * dlu[c]
+                        ddlu[c] += gg * bb
+                        # a_t h_{t-1} = h_t - x_t
+                        dla = gg * (hh - dlu[c] * bb)
+                        dAl[n, c] += dla * dl[c]
+                        ddl[c] += dla * Al[n, c]
+                        g[n, c] = tmp[1, c] * gg
+                    for c in range(CT):
+                        W[t, n, _ACCC, c] += tmp[2, c]
+                        W[t, n, _ACCB, c] += tmp[3, c]
+                for c in range(CT):
+                    T[t, _DU, c] = dy[c] * Dl[c] + ddlu[c] * dl[c]
+                    dd = ddlu[c] * T[t, _U, c] + ddl[c]
+                    if sp:
+                        dd *= T[t, _SIG, c]
+                    T[t, _DDELTA, c] = dd
+                    dbv[c] += dd
+            transpose_block(Tf, _DU * CT, 10 * CT, duf, row0, L, tl, cnt)
+            transpose_block(Tf, _DDELTA * CT, 10 * CT, ddeltaf, row0, L, tl, cnt)
+            if has_z:
+                transpose_block(Tf, _DZ * CT, 10 * CT, dzf, row0, L, tl, cnt)
+            # constant B/C: each lane is its own channel, sum over time now
+            if bconst:
+                for t in range(tl):
+                    for n in range(N):
+                        for c in range(CT):
+                            dBl[n, c] += W[t, n, _ACCB, c]
+                            W[t, n, _ACCB, c] = 0
+            if cconst:
+                for t in range(tl):
+                    for n in range(N):
+                        for c in range(CT):
+                            dCl[n, c] += W[t, n, _ACCC, c]
+                            W[t, n, _ACCC, c] = 0
+            for c in range(CT):
+                run1[j, 0, c] = dDv[c]
+                run1[j, 1, c] = dbv[c]
+                for n in range(N):
+                    run[j, n, 0, c] = g[n, c]
+                    run[j, n, 1, c] = dAl[n, c]
+                    run[j, n, 2, c] = dBl[n, c]
+                    run[j, n, 3, c] = dCl[n, c]
+        # grouped B/C: every lane of the part shares the group, sum across lanes once per chunk
+        if not bconst:
+            for n in range(N):
+                for t in range(tl):
+                    s = W[t, n, _ACCB, 0]
+                    W[t, n, _ACCB, 0] = 0
+                    for c in range(1, CT):
+                        s += W[t, n, _ACCB, c]
+                        W[t, n, _ACCB, c] = 0
+                    dB_p[b, p, n, t0 + t] = s
+        if not cconst:
+            for n in range(N):
+                for t in range(tl):
+                    s = W[t, n, _ACCC, 0]
+                    W[t, n, _ACCC, 0] = 0
+                    for c in range(1, CT):
+                        s += W[t, n, _ACCC, c]
+                        W[t, n, _ACCC, c] = 0
+                    dC_p[b, p, n, t0 + t] = s
+    for j in range(ntu):
+        d0 = tiles[ts + j, 0]
+        for c in range(tiles[ts + j, 1]):
+            d = d0 + c
+            dD_p[b, d] = run1[j, 0, c]
+            dbias_p[b, d] = run1[j, 1, c]
+            for n in range(N):
+                dA_p[b, d, n] = run[j, n, 1, c]
+                if bconst:
+                    dBc_p[b, d, n] = run[j, n, 2, c]
+                if cconst:
+                    dCc_p[b, d, n] = run[j, n, 3, c]
+                if has_h0:
+                    dh0[b, d, n] = run[j, n, 0, c]
