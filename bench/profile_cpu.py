@@ -2,15 +2,15 @@
 
     python bench/profile_cpu.py --backend numba --batch 1 [--threads 1] [--repeats 3]
     python bench/profile_cpu.py --model swin_tiny_patch4_window7_224   # a timm model
-    python bench/profile_cpu.py --clock wall --threads 2      # torch.profiler (wall clock)
+    python bench/profile_cpu.py --clock wall --threads 2      # wall clock, 2 threads
+    python bench/profile_cpu.py --table                       # torch.profiler's operator table
 
 ``--clock cpu`` (default) times every aten op and every scanlib call with the process CPU clock
 through a ``TorchDispatchMode``: on a shared, oversubscribed machine the wall clock mostly
 measures waiting for a core, the CPU clock only the work (exact at 1 thread; at more threads it
-also counts the threads' spin-waits). The total is the median CPU time of unprofiled forwards;
-the part the timed ops do not cover is reported as the rest (Python, dispatch, backend
-selection; an estimate: the profiled ops run a little slower than unprofiled ones).
-``--clock wall`` runs ``torch.profiler`` instead.
+also counts the threads' spin-waits: use ``--clock wall`` there, on a quiet machine). The total
+is the median time of unprofiled forwards; the part the timed ops do not cover is reported as
+the rest (Python, dispatch, backend selection; an estimate: profiled ops run a little slower).
 Forward only, float32, ``torch.inference_mode``.
 """
 
@@ -56,6 +56,11 @@ def category(name: str, shapes: tuple) -> str:
     return "elementwise / reductions"
 
 
+#: the clock the dispatch-mode profiler reads: process CPU time (``--clock cpu``) or wall time
+#: (``--clock wall``; with several threads the CPU clock also counts spin-waits)
+CLOCK = [time.process_time]
+
+
 class CPUClock(TorchDispatchMode):
     """Process CPU time of each aten op, keyed (innermost label/op, input shapes), and the self
     time of labelled calls (time in them outside aten ops and nested labels).
@@ -72,9 +77,9 @@ class CPUClock(TorchDispatchMode):
         self.per_op_cost = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        t0 = time.process_time()
+        t0 = CLOCK[0]()
         out = func(*args, **(kwargs or {}))
-        t1 = time.process_time()
+        t1 = CLOCK[0]()
         shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
         lab = self.stack[-1][0] if self.stack else ""
         rec = self.ops[lab, func.overloadpacket.__name__, shapes]
@@ -82,17 +87,17 @@ class CPUClock(TorchDispatchMode):
         rec[1] += 1
         if self.stack:
             self.label_ops[lab] += 1
-            self.stack[-1][2] += time.process_time() - t0
+            self.stack[-1][2] += CLOCK[0]() - t0
         return out
 
     def label(self, fn, label: str):
         def wrapped(*args, **kwargs):
-            self.stack.append([label, time.process_time(), 0.0])
+            self.stack.append([label, CLOCK[0](), 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
                 lab, t0, inner = self.stack.pop()
-                total = time.process_time() - t0
+                total = CLOCK[0]() - t0
                 self.labels[lab] += total - inner
                 if self.stack:
                     self.stack[-1][2] += total
@@ -106,11 +111,11 @@ class CPUClock(TorchDispatchMode):
             torch.add(a, a)
         saved = (self.ops, self.stack)
         self.ops, self.stack = collections.defaultdict(lambda: [0.0, 0]), [["cal", 0.0, 0.0]]
-        t = time.process_time()
+        t = CLOCK[0]()
         with self:
             for _ in range(n):
                 torch.add(a, a)
-        moded = time.process_time() - t - self.stack[0][2]  # minus the timed part
+        moded = CLOCK[0]() - t - self.stack[0][2]  # minus the timed part
         self.ops, self.stack = saved
         self.per_op_cost = max(0.0, moded / n)
 
@@ -128,9 +133,9 @@ def run_cpu_clock(model, x, args) -> None:
     originals = [(obj, n, getattr(obj, n)) for obj, n, _ in patches]
     plain = []  # unprofiled forwards: the real time
     for _ in range(args.repeats):
-        c0 = time.process_time()
+        c0 = CLOCK[0]()
         model(x)
-        plain.append(time.process_time() - c0)
+        plain.append(CLOCK[0]() - c0)
     clock.calibrate()
     for obj, n, lab in patches:
         setattr(obj, n, clock.label(getattr(obj, n), lab))
@@ -160,7 +165,7 @@ def run_cpu_clock(model, x, args) -> None:
     rest = cpu - sum(cats.values())
     print(
         f"\n{args.model} {args.res}x{args.res} batch {args.batch}, backend {args.backend}, "
-        f"{args.threads} threads: {1e3 * cpu / r:.1f} ms CPU per forward (median of {r} "
+        f"{args.threads} threads: {1e3 * cpu / r:.1f} ms {args.clock} per forward (median of {r} "
         f"unprofiled forwards; ops timed in {r} more; profiler cost "
         f"{1e6 * clock.per_op_cost:.0f} us/op subtracted)"
     )
@@ -169,19 +174,6 @@ def run_cpu_clock(model, x, args) -> None:
     print(
         f"  {'rest: module calls, Python between ops':44s} {1e3 * rest / r:9.1f} ms  "
         f"{100 * rest / cpu:5.1f} %  (negative: profiled ops ran slower than unprofiled)"
-    )
-
-
-def run_wall_clock(model, x, args) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(args.repeats):
-            model(x)
-    print(
-        prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=args.rows, max_shapes_column_width=70
-        )
     )
 
 
@@ -195,6 +187,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--model", default="vmamba_tiny")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--table", action="store_true", help="torch.profiler's operator table instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -207,10 +200,19 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.res, args.res)
     with scanlib.use_backend(args.backend), torch.inference_mode():
         model(x)  # warm: numba compilation / cache load, oneDNN primitives
-        if args.clock == "cpu":
-            run_cpu_clock(model, x, args)
+        if args.table:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(args.repeats):
+                    model(x)
+            table = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=args.rows, max_shapes_column_width=70
+            )
+            print(table)
         else:
-            run_wall_clock(model, x, args)
+            CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+            run_cpu_clock(model, x, args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,24 @@ __all__ = [
 ]
 
 
+_CL = torch.channels_last
+
+
+def _cl_weight(conv: nn.Conv2d) -> nn.Conv2d:
+    """Store ``conv``'s weight in channels-last memory order (same values, same state_dict).
+
+    The activations of these models are channels-last in memory (a LayerNorm over channels
+    leaves them so); oneDNN then wants an [out, kh, kw, in] weight and would reorder a
+    channel-first one on every call."""
+    conv.weight.data = conv.weight.data.contiguous(memory_format=_CL)
+    return conv
+
+
+def _conv(*args, **kwargs) -> nn.Conv2d:
+    """``nn.Conv2d(*args, **kwargs)`` with a channels-last weight (see :func:`_cl_weight`)."""
+    return _cl_weight(nn.Conv2d(*args, **kwargs))
+
+
 def make_act(kind: Activation) -> nn.Module:
     return {
         Activation.SILU: nn.SiLU,
@@ -92,6 +110,10 @@ class Linear2d(nn.Linear):
     stored as the ``[out, in]`` matrix of ``nn.Linear``; ``[out, in, 1, 1]`` weights load too)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=_CL):
+            # channels-last in memory (the usual case: LayerNorm2d leaves maps so): a plain GEMM
+            # over the pixels, no layout reorders; the result is channels-last again
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -143,6 +165,9 @@ def routes_key(spec: RoutesSpec) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # SS2D
+
+#: elements of one chunk's [b, K, Di, L] scan intermediates on CPU (4 MiB in float32: ~L2/L3-sized)
+_CPU_SCAN_CHUNK = 1 << 20
 
 
 def _dt_bias_init(n: int, cfg: SSMConfig) -> torch.Tensor:
@@ -222,7 +247,7 @@ class SS2D(nn.Module):
         self.in_proj = Linear(d_model, 2 * di if cfg.z_gate else di, bias=cfg.bias)
         self.act = make_act(cfg.act)
         if cfg.d_conv > 1:
-            self.conv2d = nn.Conv2d(
+            self.conv2d = _conv(
                 di, di, cfg.d_conv, padding=(cfg.d_conv - 1) // 2, groups=di, bias=cfg.conv_bias
             )
         else:
@@ -250,12 +275,10 @@ class SS2D(nn.Module):
         if kind is OutNorm.NONE:
             return nn.Identity()
         if kind is OutNorm.DWCONV3:
-            return nn.Sequential(
-                to_cf, nn.Conv2d(di, di, 3, padding=1, groups=di, bias=False), to_cl
-            )
+            return nn.Sequential(to_cf, _conv(di, di, 3, padding=1, groups=di, bias=False), to_cl)
         if kind is OutNorm.CNORM:
             return nn.Sequential(
-                ln, to_cf, nn.Conv2d(di, di, 3, padding=1, groups=di, bias=False), to_cl
+                ln, to_cf, _conv(di, di, 3, padding=1, groups=di, bias=False), to_cl
             )
         if kind is OutNorm.SIGMOID:
             return nn.Sigmoid()
@@ -264,7 +287,23 @@ class SS2D(nn.Module):
     def scan(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """The SSM core: ``x [B, Di, H, W]`` (or ``[B, H, W, Di]`` when ``channels_last``) ->
         merged scan output in float32, ``[B, Di, H, W]`` if the block is channel-first else
-        ``[B, H, W, Di]``."""
+        ``[B, H, W, Di]``.
+
+        On CPU (eager) a large batch is cut into chunks of samples whose ``[b, K, Di, L]``
+        intermediates stay cache-sized: the K-fold expanded tensors of a whole batch would
+        stream through memory several times (and, above malloc's mmap threshold, be page-faulted
+        in afresh on every call). Each sample is independent, so the result is the same.
+        """
+        b = x.shape[0]
+        if b > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+            per_sample = self.k_group * self.d_inner * h * w
+            step = max(1, _CPU_SCAN_CHUNK // per_sample)
+            if step < b:
+                return torch.cat([self._scan(xc, channels_last) for xc in x.split(step)])
+        return self._scan(x, channels_last)
+
+    def _scan(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         if channels_last:
             b, h, w, c = x.shape
         else:
@@ -272,10 +311,11 @@ class SS2D(nn.Module):
         k, n, r = self.k_group, self.d_state, self.dt_rank
         xs = scanlib.cross_scan(x, self.routes_key, channels_last=channels_last)  # [B, K, Di, L]
         length = xs.shape[-1]  # H*W, or the longest route of a sub-grid route set
-        # one grouped matmul for all routes: [B, K, Di, L] x [K, R+2N, Di] -> [B, K, R+2N, L]
-        x_dbl = torch.einsum("bkcl,kec->bkel", xs, self.x_proj_weight.to(xs.dtype))
+        # the per-route projections as batched matmuls over the K routes (no permuted copies):
+        # [K, R+2N, Di] @ [B, K, Di, L] -> [B, K, R+2N, L]; then [K, Di, R] @ [B, K, R, L]
+        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_projs_weight.to(xs.dtype))
+        dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         u = xs.reshape(b, k * c, length)
         delta = dts.reshape(b, k * c, length)
@@ -426,7 +466,7 @@ class PatchEmbedV1(nn.Sequential):
         self, in_chans: int, dim: int, patch_size: int, norm: NormKind | None, channels_first: bool
     ) -> None:
         super().__init__(
-            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+            _conv(in_chans, dim, kernel_size=patch_size, stride=patch_size),
             nn.Identity() if channels_first else Permute(0, 2, 3, 1),
             make_norm(norm, dim) if norm is not None else nn.Identity(),
         )
@@ -450,12 +490,12 @@ def _patch_embed_v2(
     to_cf = nn.Identity() if channels_first else Permute(0, 3, 1, 2)
     has_norm = norm is not None
     return nn.Sequential(
-        nn.Conv2d(in_chans, dim // 2, kernel_size=k, stride=stride, padding=1),
+        _conv(in_chans, dim // 2, kernel_size=k, stride=stride, padding=1),
         to_cl if has_norm else nn.Identity(),
         make_norm(norm, dim // 2) if has_norm else nn.Identity(),
         to_cf if has_norm else nn.Identity(),
         nn.GELU(),
-        nn.Conv2d(dim // 2, dim, kernel_size=k, stride=stride, padding=1),
+        _conv(dim // 2, dim, kernel_size=k, stride=stride, padding=1),
         nn.Identity() if channels_first else Permute(0, 2, 3, 1),
         make_norm(norm, dim) if has_norm else nn.Identity(),
     )
@@ -518,7 +558,7 @@ def make_downsample(kind: DownsampleKind, dim: int, out_dim: int, norm: NormKind
     if kind is DownsampleKind.V2:
         conv = _PaddedConv2x2(dim, out_dim)
     else:
-        conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1)
+        conv = _conv(dim, out_dim, kernel_size=3, stride=2, padding=1)
     return nn.Sequential(to_cf, conv, to_cl, make_norm(norm, out_dim))
 
 
@@ -527,6 +567,7 @@ class _PaddedConv2x2(nn.Conv2d):
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__(dim, out_dim, kernel_size=2, stride=2)
+        _cl_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
