@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +60,18 @@ class Requirement:
     extra: str
 
 
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # imported already (None: import blocked on purpose)
+        return sys.modules[module] is not None
+    return _findable(module)
+
+
+@functools.cache
+def _findable(module: str) -> bool:
+    # cached: find_spec walks sys.path, and selection asks on every call
+    return importlib.util.find_spec(module) is not None
+
+
 class Backend:
     """Base class of a scanlib backend. Subclasses set the class data and implement the ops."""
 
@@ -79,7 +93,7 @@ class Backend:
         """Reasons this backend cannot run at all here (missing package, no device...)."""
         out = []
         for req in self.requires:
-            if importlib.util.find_spec(req.module) is None:
+            if not _installed(req.module):
                 out.append(
                     f"the package '{req.module}' is not installed: pip install 'scanlib-vmamba[{req.extra}]'"
                 )

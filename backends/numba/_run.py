@@ -15,6 +15,7 @@ import torch
 
 from scanlib.inputs import BCForm, ScanInputs
 
+from . import _threading  # noqa: F401  (picks numba's threading layer before any kernel runs)
 from . import kernels as K
 
 # The workqueue threading layer of numba aborts when two threads enter parallel code at once;
