@@ -96,6 +96,10 @@ step property-gpu "$PROPERTY_S" "$PY" -m pytest -q -p no:cacheprovider --continu
 step bench "$BENCH_S" "$PY" bench/scan_gpu.py --budget "$BENCH_BUDGET_S" \
     --table "$OUT_DIR/scan_gpu.md" --json "$OUT_DIR/scan_gpu.json"
 
+# 6. end to end: VMamba-T vs Swin-T at batch 128 (fp32 and bf16 forward, bf16 training step)
+step model-bench "${MODEL_BENCH_S:-240}" "$PY" bench/model_gpu.py --budget 150 \
+    --table "$OUT_DIR/model_gpu.md" --json "$OUT_DIR/model_gpu.json"
+
 echo
 echo "=== summary ($(($(date +%s) - T_START)) s; logs in $OUT_DIR)"
 echo "| step | result | time | last line |"
@@ -106,4 +110,8 @@ if [ -s "$OUT_DIR/scan_gpu.md" ]; then
     cat "$OUT_DIR/scan_gpu.md"
 else
     echo "(no benchmark table: see $OUT_DIR/bench.log)"
+fi
+if [ -s "$OUT_DIR/model_gpu.md" ]; then
+    echo
+    cat "$OUT_DIR/model_gpu.md"
 fi
