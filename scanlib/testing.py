@@ -51,6 +51,31 @@ class ScanCase:
     out_float32: bool
     seed: int
 
+    @classmethod
+    def example(cls, **overrides) -> ScanCase:
+        """A small case with every option on (grouped B/C, D, z, bias + softplus, initial and
+        last state, float32); ``overrides`` change any field."""
+        fields = dict(
+            batch=2,
+            dim=6,
+            seqlen=40,
+            dstate=4,
+            B_form=BCForm.GROUPED,
+            C_form=BCForm.GROUPED,
+            groups=3,
+            has_D=True,
+            has_z=True,
+            has_delta_bias=True,
+            delta_softplus=True,
+            has_initial_state=True,
+            return_last_state=True,
+            dtype=torch.float32,
+            out_float32=False,
+            seed=0,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
     def make(self, device: str | torch.device = "cpu", requires_grad: bool = True) -> dict:
         """Keyword arguments for ``selective_scan`` (float32 params, inputs in ``dtype``)."""
         g = torch.Generator().manual_seed(self.seed)

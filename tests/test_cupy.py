@@ -36,26 +36,7 @@ RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _case(**kw) -> ScanCase:
-    base = dict(
-        batch=2,
-        dim=6,
-        seqlen=40,
-        dstate=4,
-        B_form=BCForm.GROUPED,
-        C_form=BCForm.GROUPED,
-        groups=3,
-        has_D=True,
-        has_z=True,
-        has_delta_bias=True,
-        delta_softplus=True,
-        has_initial_state=True,
-        return_last_state=True,
-        dtype=torch.float32,
-        out_float32=False,
-        seed=7,
-    )
-    base.update(kw)
-    return ScanCase(**base)
+    return ScanCase.example(**{**dict(seed=7), **kw})
 
 
 # ---------------------------------------------------------------------- sources and the one list

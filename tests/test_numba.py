@@ -16,26 +16,7 @@ pytest.importorskip("numba")
 
 
 def _case(**kw) -> ScanCase:
-    base = dict(
-        batch=2,
-        dim=6,
-        seqlen=65,
-        dstate=4,
-        B_form=BCForm.GROUPED,
-        C_form=BCForm.GROUPED,
-        groups=3,
-        has_D=True,
-        has_z=True,
-        has_delta_bias=True,
-        delta_softplus=True,
-        has_initial_state=True,
-        return_last_state=True,
-        dtype=torch.float32,
-        out_float32=False,
-        seed=0,
-    )
-    base.update(kw)
-    return ScanCase(**base)
+    return ScanCase.example(**{**dict(seqlen=65), **kw})
 
 
 def test_import_does_not_import_numba():

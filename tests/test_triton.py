@@ -41,26 +41,7 @@ needs_interpreter = pytest.mark.skipif(
 
 
 def _case(**kw) -> ScanCase:
-    base = dict(
-        batch=2,
-        dim=4,
-        seqlen=70,
-        dstate=3,
-        B_form=BCForm.GROUPED,
-        C_form=BCForm.GROUPED,
-        groups=2,
-        has_D=True,
-        has_z=True,
-        has_delta_bias=True,
-        delta_softplus=True,
-        has_initial_state=True,
-        return_last_state=True,
-        dtype=torch.float32,
-        out_float32=False,
-        seed=3,
-    )
-    base.update(kw)
-    return ScanCase(**base)
+    return ScanCase.example(**{**dict(dim=4, seqlen=70, dstate=3, groups=2, seed=3), **kw})
 
 
 # ---------------------------------------------------------------------------------- no kernels run
