@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from scanlib.routes.reference import adjoint_pair
+
 from . import tuning
 from .tuning import Launch
 
@@ -229,28 +231,7 @@ def merge_tensor(y: torch.Tensor, rs, H: int, W: int, channels_last: bool) -> to
 
 
 # ---------------------------------------------------------------------------------- autograd
-class _CrossScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rs, H, W, channels_last):
-        ctx.meta = (rs, H, W, channels_last)
-        return scan_tensor(x, rs, H, W, channels_last)
-
-    @staticmethod
-    def backward(ctx, dout):
-        rs, H, W, channels_last = ctx.meta
-        return _CrossMerge.apply(dout, rs, H, W, channels_last), None, None, None, None
-
-
-class _CrossMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, rs, H, W, channels_last):
-        ctx.meta = (rs, H, W, channels_last)
-        return merge_tensor(y, rs, H, W, channels_last)
-
-    @staticmethod
-    def backward(ctx, dout):
-        rs, H, W, channels_last = ctx.meta
-        return _CrossScan.apply(dout, rs, H, W, channels_last), None, None, None, None
+_CrossScan, _CrossMerge = adjoint_pair(scan_tensor, merge_tensor)
 
 
 def cross_scan(inputs) -> torch.Tensor:

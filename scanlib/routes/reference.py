@@ -185,28 +185,36 @@ def merge_tensor(
     return out.view(B, C, H, W)
 
 
-class _CrossScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rs, H, W, channels_last):
-        ctx.meta = (rs, H, W, channels_last)
-        return scan_tensor(x, rs, H, W, channels_last)
+def adjoint_pair(scan_tensor, merge_tensor) -> tuple[type, type]:
+    """autograd Functions for a backend's (scan, merge) tensor functions: each one's backward is
+    the other (they are adjoint), so gradients of any order need no extra kernels.
 
-    @staticmethod
-    def backward(ctx, dout):
-        rs, H, W, channels_last = ctx.meta
-        return _CrossMerge.apply(dout, rs, H, W, channels_last), None, None, None, None
+    Both take ``(tensor, route_set, H, W, channels_last)``."""
+
+    class CrossScan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, rs, H, W, channels_last):
+            ctx.meta = (rs, H, W, channels_last)
+            return scan_tensor(x, rs, H, W, channels_last)
+
+        @staticmethod
+        def backward(ctx, dout):
+            return CrossMerge.apply(dout, *ctx.meta), None, None, None, None
+
+    class CrossMerge(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, rs, H, W, channels_last):
+            ctx.meta = (rs, H, W, channels_last)
+            return merge_tensor(y, rs, H, W, channels_last)
+
+        @staticmethod
+        def backward(ctx, dout):
+            return CrossScan.apply(dout, *ctx.meta), None, None, None, None
+
+    return CrossScan, CrossMerge
 
 
-class _CrossMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, rs, H, W, channels_last):
-        ctx.meta = (rs, H, W, channels_last)
-        return merge_tensor(y, rs, H, W, channels_last)
-
-    @staticmethod
-    def backward(ctx, dout):
-        rs, H, W, channels_last = ctx.meta
-        return _CrossScan.apply(dout, rs, H, W, channels_last), None, None, None, None
+_CrossScan, _CrossMerge = adjoint_pair(scan_tensor, merge_tensor)
 
 
 def cross_scan(inputs: RouteInputs) -> torch.Tensor:
