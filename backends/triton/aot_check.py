@@ -103,23 +103,18 @@ def _cases():
     from scanlib.inputs import BCForm
     from scanlib.testing import ScanCase
 
-    vm = ScanCase(
+    # VMamba-T's first stage: bf16 in, float32 out, no z, no states
+    vm = ScanCase.example(
         batch=1,
         dim=384,
         seqlen=3136,
         dstate=1,
-        B_form=BCForm.GROUPED,
-        C_form=BCForm.GROUPED,
         groups=4,
-        has_D=True,
         has_z=False,
-        has_delta_bias=True,
-        delta_softplus=True,
         has_initial_state=False,
         return_last_state=False,
         dtype=torch.bfloat16,
         out_float32=True,
-        seed=0,
     )
     every = dataclasses.replace(
         vm,
