@@ -5,14 +5,13 @@ Imported on first use only (it imports numba through ``kernels``).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import sys
 import threading
 
 import numpy as np
 import torch
 
+from scanlib import memory
 from scanlib.inputs import BCForm, ScanInputs
 
 from . import _threading  # noqa: F401  (picks numba's threading layer before any kernel runs)
@@ -27,31 +26,10 @@ _lock = threading.Lock()
 _BWD_UNITS = 32
 
 
-_HUGE = 2 << 20  # x86-64 transparent huge page
-_madvise = None
-if sys.platform.startswith("linux"):
-    try:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - no libc symbol: no hint
-        _madvise = None
-
-
 def _empty_out(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty for a large kernel output, with a transparent-huge-page hint (Linux).
-
-    Fresh multi-MB outputs come straight from mmap, and faulting them in 4 KiB at a time cost
-    about a quarter of a forward at VMamba sizes; MADV_HUGEPAGE (a no-op where THP is off) makes
-    it 512x fewer faults. Best effort: any failure just leaves the default pages.
-    """
-    t = torch.empty(*shape, dtype=dtype)
-    if _madvise is not None and t.nbytes >= 4 * _HUGE:
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + t.nbytes) & ~(_HUGE - 1)
-        if end > start:
-            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
-    return t
+    """A large kernel output: pages reused from earlier calls' freed outputs (scanlib.memory),
+    since faulting in fresh multi-MB outputs costs as much as the kernel at VMamba sizes."""
+    return memory.empty(*shape, dtype=dtype)
 
 
 def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:

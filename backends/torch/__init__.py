@@ -17,8 +17,9 @@ ALL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.floa
 
 class _ChunkedKernels:
     def forward(self, inputs: ScanInputs):
-        out, last, starts = chunked.scan_fwd(inputs)
-        return out, last, starts
+        # grad mode is off inside the autograd Function: ask the tensors whether a backward follows
+        save = any(t is not None and t.requires_grad for t in inputs.tensors())
+        return chunked.scan_fwd(inputs, save=save)
 
     def backward(self, inputs: ScanInputs, saved, dout, dlast):
         return chunked.scan_bwd(inputs, saved, dout, dlast)
