@@ -5,6 +5,7 @@ Importing scanlib imports no optional backend package (numba, triton, cupy) and 
 
 from __future__ import annotations
 
+from .cross import CrossScanInputs, cross_selective_scan
 from .errors import (
     BackendUnavailableError,
     MissingDependencyError,
@@ -46,6 +47,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "BCForm",
+    "CrossScanInputs",
     "Feature",
     "MissingDependencyError",
     "Requirement",
@@ -61,6 +63,7 @@ __all__ = [
     "available_backends",
     "cross_merge",
     "cross_scan",
+    "cross_selective_scan",
     "current_selection",
     "explain",
     "get_backend",

@@ -78,7 +78,8 @@ class Backend:
     name: ClassVar[str] = ""
     #: higher runs first in automatic selection
     priority: ClassVar[int] = 0
-    #: ops this backend implements: "selective_scan", "cross_scan", "cross_merge"
+    #: ops this backend implements: "selective_scan", "cross_scan", "cross_merge",
+    #: "cross_selective_scan" (fused; scanlib composes it from the others where none implements it)
     ops: ClassVar[frozenset[str]] = frozenset({"selective_scan"})
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
     dtypes: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float32})
@@ -131,6 +132,9 @@ class Backend:
         raise NotImplementedError
 
     def cross_merge(self, inputs):
+        raise NotImplementedError
+
+    def cross_selective_scan(self, inputs):  # CrossScanInputs -> Tensor (scanlib/cross.py)
         raise NotImplementedError
 
     def __repr__(self) -> str:

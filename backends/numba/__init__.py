@@ -21,7 +21,7 @@ class NumbaBackend(Backend):
 
     name = "numba"
     priority = 20
-    ops = frozenset({"selective_scan"})
+    ops = frozenset({"selective_scan", "cross_selective_scan"})
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
     features = frozenset(Feature)
@@ -33,3 +33,14 @@ class NumbaBackend(Backend):
         from . import _run  # imports numba; compiles (or loads from cache) on first use
 
         return scan_with_autograd(_run.KERNELS, inputs)
+
+    def extra_reasons(self, inputs) -> list[str]:
+        if inputs.op == "cross_selective_scan" and Feature.BACKWARD in inputs.features:
+            # forward-only kernel: scanlib then composes the op from selective_scan (which has one)
+            return ["the fused cross_selective_scan kernel has no backward"]
+        return []
+
+    def cross_selective_scan(self, inputs) -> torch.Tensor:
+        from . import cross  # imports numba; compiles (or loads from cache) on first use
+
+        return cross.forward(inputs)
