@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -105,12 +106,31 @@ def selective_scan_bwd_op(
 ) -> list[torch.Tensor]:
     """Gradients of the 9 tensor inputs (size-0 tensors for absent ones)."""
     given = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in given]
-        inputs = _inputs(*leaves, delta_softplus, out_dtype)
-        out, last = registry.select(inputs, _spec(backend)).selective_scan(inputs)
-        present = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad((out, last), present, (dout, dlast), allow_unused=True))
+    leaves = [None if t is None else t.detach().requires_grad_() for t in given]
+
+    def vjp() -> list:
+        with torch.enable_grad():
+            inputs = _inputs(*leaves, delta_softplus, out_dtype)
+            out, last = registry.select(inputs, _spec(backend)).selective_scan(inputs)
+            if not (out.requires_grad or last.requires_grad):
+                return []  # plain aten ops record no graph below the autograd key
+            present = [t for t in leaves if t is not None]
+            return list(torch.autograd.grad((out, last), present, (dout, dlast), allow_unused=True))
+
+    grad_list = vjp()
+    if not grad_list:
+        # A backend built from plain differentiable ops (the reference) records no graph inside a
+        # custom op (dispatch runs below autograd here); that exclusion is thread-local, so
+        # differentiate it on a helper thread.
+        box: list = []
+        context = contextvars.copy_context()  # keeps use_backend() selections on that thread
+        worker = threading.Thread(target=lambda: box.append(context.run(vjp)))
+        worker.start()
+        worker.join()
+        grad_list = box[0] if box else []
+        if not grad_list:
+            raise RuntimeError("scanlib::selective_scan_bwd: the backend recorded no graph")
+    grads = iter(grad_list)
     result = []
     for t in leaves:
         if t is None:
