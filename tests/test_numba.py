@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,82 @@ def test_no_grad_and_bad_input():
     kw["u"] = kw["u"].to(torch.float64)
     with pytest.raises(scanlib.ScanInputError):
         scanlib.selective_scan(**kw, backend="numba")
+
+
+def _math_kernels():
+    from numba import njit
+    from scanlib_backends.numba._math import fexp, silu, softplus, softplus_value
+
+    @njit(cache=False)
+    def run(x):
+        n = x.size
+        e = np.empty_like(x)
+        sp = np.empty_like(x)
+        sp2 = np.empty_like(x)
+        sg = np.empty_like(x)
+        si = np.empty_like(x)
+        ds = np.empty_like(x)
+        for i in range(n):
+            e[i] = fexp(x[i])
+            sp[i] = softplus_value(x[i])
+            sp2[i], sg[i] = softplus(x[i])
+            si[i], ds[i] = silu(x[i])
+        return e, sp, sp2, sg, si, ds
+
+    return run
+
+
+def _wide_float32() -> np.ndarray:
+    grid = np.concatenate(
+        [
+            np.linspace(-100, 100, 200001),
+            np.linspace(-1e-3, 1e-3, 2001),
+            np.geomspace(1e-30, 1e30, 2001),
+            -np.geomspace(1e-30, 1e30, 2001),
+            [-87.33654, -87.3, -86.9, 88.72, 88.7228, 88.7229, 88.75, 89.0, 89.5, 1e38, -1e38],
+            [0.0, -0.0, np.log(2) / 2, -np.log(2) / 2],
+        ]
+    )
+    return grid.astype(np.float32)
+
+
+def test_float32_math_accuracy():
+    """The float32 polynomial exp / softplus / silu against float64 over a wide range."""
+    x = _wide_float32()
+    e, sp, sp2, sg, si, ds = _math_kernels()(x)
+    xd = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref_e = np.exp(xd)
+    ref_sp = np.logaddexp(0.0, xd)
+    en = np.exp(-np.abs(xd))
+    ref_sg = np.where(xd >= 0, 1.0, en) / (1.0 + en)
+    ref_si = xd * ref_sg
+    ref_ds = ref_sg * (1.0 + xd * (1.0 - ref_sg))
+
+    def rel(a, b, mask):
+        return float(np.max(np.abs(a[mask] - b[mask]) / np.abs(b[mask])))
+
+    big = float(np.finfo(np.float32).max)
+    normal = (ref_e > 1e-37) & (ref_e < big)  # results below ~1e-37 may flush to 0
+    assert rel(e, ref_e, normal) < 3e-7
+    assert np.all(e[ref_e >= big * 1.0000001] == np.inf)
+    assert np.all(e[xd < -87.33654] == 0)
+    assert np.all(e[~np.isnan(e)] >= 0)
+    for got in (sp, sp2):
+        assert rel(got, ref_sp, ref_sp > 1e-37) < 6e-7
+    assert rel(sg, ref_sg, ref_sg > 1e-37) < 6e-7
+    assert rel(si, ref_si, np.abs(ref_si) > 1e-30) < 1e-6
+    assert float(np.max(np.abs(ds - ref_ds))) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_special_values(dtype):
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30], dtype=dtype)
+    e, sp, sp2, sg, si, ds = _math_kernels()(x)
+    assert np.isnan(e[0]) and np.isnan(sp[0]) and np.isnan(sp2[0])
+    assert e[1] == np.inf and e[2] == 0 and e[3] == 1
+    assert e[4] == np.inf and e[5] == 0
+    assert sp[1] == np.inf and sp2[1] == np.inf and sp[2] == 0 and sp2[2] == 0
+    assert sp[4] == dtype(1e30) and sp[5] == 0
+    np.testing.assert_allclose(sp[3], np.log(2.0), rtol=1e-6)
+    assert sg[1] == 1 and sg[2] == 0 and sg[3] == 0.5

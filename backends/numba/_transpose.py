@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _I32 = ir.IntType(32)
@@ -20,9 +21,7 @@ def _mask(idx: list[int]) -> ir.Constant:
     return ir.Constant(ir.VectorType(_I32, len(idx)), idx)
 
 
-@intrinsic
-def _transpose8_f32(typingctx, src, so, ss, dst, do, ds):
-    """dst[do + j*ds + i] = src[so + i*ss + j] for i, j < 8 (1-D float32 arrays, element offsets)."""
+def _transpose8_typer(src, so, ss, dst, do, ds, nt: bool):
     ok = (
         isinstance(src, types.Array)
         and isinstance(dst, types.Array)
@@ -76,10 +75,95 @@ def _transpose8_f32(typingctx, src, so, ss, dst, do, ds):
         for j in range(8):
             off = builder.add(do64, builder.mul(ds64, ir.Constant(i64, j)))
             ptr = builder.bitcast(builder.gep(da.data, [off]), vec.as_pointer())
-            builder.store(cols[j], ptr, align=4)
+            if nt:
+                st = builder.store(cols[j], ptr, align=32)
+                st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+            else:
+                builder.store(cols[j], ptr, align=4)
         return context.get_dummy_value()
 
     return types.void(src, so, ss, dst, do, ds), codegen
+
+
+@intrinsic
+def _transpose8_f32(typingctx, src, so, ss, dst, do, ds):
+    """dst[do + j*ds + i] = src[so + i*ss + j] for i, j < 8 (1-D float32 arrays, element offsets)."""
+    return _transpose8_typer(src, so, ss, dst, do, ds, False)
+
+
+@intrinsic
+def _transpose8_f32_nt(typingctx, src, so, ss, dst, do, ds):
+    """_transpose8_f32 with non-temporal stores (no read of the destination lines, no cache
+    pollution); every destination row start must be 32-byte aligned."""
+    return _transpose8_typer(src, so, ss, dst, do, ds, True)
+
+
+@intrinsic
+def _address(typingctx, arr):
+    """The address of arr's first element, as an integer."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(a.data, ir.IntType(64))
+
+    return types.uint64(arr), codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    """Order the non-temporal stores before everything after (they are weakly ordered)."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"
+        )
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+def transpose8_nt(src, so, ss, dst, do, ds):
+    """transpose8 with non-temporal stores where the dtype has them (float32)."""
+    for i in range(8):
+        for j in range(8):
+            dst[do + j * ds + i] = src[so + i * ss + j]
+
+
+def nt_ok(dst, do, ds):
+    """Whether transpose8_nt may store at row starts do + j*ds (+ multiples of 8)."""
+    return False
+
+
+def sfence():
+    """See _sfence."""
+
+
+@overload(transpose8_nt, inline="always")
+def _transpose8_nt_ov(src, so, ss, dst, do, ds):
+    if isinstance(src, types.Array) and src.dtype == types.float32 and dst.dtype == types.float32:
+        return lambda src, so, ss, dst, do, ds: _transpose8_f32_nt(src, so, ss, dst, do, ds)
+
+    def loops(src, so, ss, dst, do, ds):
+        for i in range(8):
+            for j in range(8):
+                dst[do + j * ds + i] = src[so + i * ss + j]
+
+    return loops
+
+
+@overload(nt_ok, inline="always")
+def _nt_ok_ov(dst, do, ds):
+    if isinstance(dst, types.Array) and dst.dtype == types.float32:
+        return lambda dst, do, ds: ds % 8 == 0 and (_address(dst) + 4 * do) % 32 == 0
+    return lambda dst, do, ds: False
+
+
+@overload(sfence, inline="always")
+def _sfence_ov():
+    return lambda: _sfence()
 
 
 def transpose8(src, so, ss, dst, do, ds):
@@ -116,3 +200,29 @@ def transpose_block(src, so, ss, dst, do, ds, rows, cols):
     for i in range(r8, rows):
         for j in range(cols):
             dst[do + j * ds + i] = src[so + i * ss + j]
+
+
+@njit(cache=True, error_model="numpy")
+def transpose_block_out(src, so, ss, dst, do, ds, rows, cols):
+    """transpose_block with the destination rows outermost: each group of eight destination
+    rows (channels of a [.., D, L] output) is written front to back, so eight write streams are
+    open at a time instead of ``cols``."""
+    r8 = rows - rows % 8
+    c8 = cols - cols % 8
+    # large outputs are not read again soon: non-temporal stores where the rows are aligned
+    nt = nt_ok(dst, do, ds)
+    for j in range(0, c8, 8):
+        if nt:
+            for i in range(0, r8, 8):
+                transpose8_nt(src, so + i * ss + j, ss, dst, do + j * ds + i, ds)
+        else:
+            for i in range(0, r8, 8):
+                transpose8(src, so + i * ss + j, ss, dst, do + j * ds + i, ds)
+        for i in range(r8, rows):
+            for jj in range(j, j + 8):
+                dst[do + jj * ds + i] = src[so + i * ss + jj]
+    for j in range(c8, cols):
+        for i in range(rows):
+            dst[do + j * ds + i] = src[so + i * ss + j]
+    if nt:
+        sfence()

@@ -18,6 +18,12 @@ Vectorisation notes: numba's heap arrays may alias as far as LLVM knows, so a lo
 heap array while reading another gets runtime overlap checks or stays scalar. The hot loops
 therefore write only stack buffers (``_stack``) or one heap workspace indexed at constant offsets.
 
+Latency notes: the element-wise work (softplus of delta, and at N = 1 the decays exp(delta A))
+does not depend on the recurrence, so it runs in loops of its own over the whole chunk before the
+step loop: inside the step loop its long dependency chains (exp, log1p polynomials) would wait on
+each other, with only CT lanes in flight. At N = 1 the backward likewise keeps only h and g in
+sequential loops (a fused single loop was measured slower: register pressure).
+
 Optional tensors travel as size-0 arrays plus flags (never None) and every array is C-contiguous,
 so each kernel compiles once per compute dtype.
 """
@@ -26,10 +32,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from ._math import fexp, silu, softplus
-from ._transpose import transpose_block
+from ._math import fexp, silu, softplus, softplus_value
+from ._transpose import transpose_block, transpose_block_out
 
 #: lanes (channels) per tile: four AVX2 vectors of float32
 CT = 32
@@ -39,10 +45,15 @@ F_SOFTPLUS, F_Z, F_BCONST, F_CCONST, F_H0, F_SAVE = range(6)
 # extra flags of scan_bwd
 F_DOUT, F_DLAST = 6, 7
 
-# rows of the forward's time-major workspace [chunk, 4, CT]
-_U, _DELTA, _Z, _Y = range(4)
-# rows of the backward's time-major workspace [chunk, 10, CT]
-_DOUT, _DL, _SIG, _YB, _DU, _DDELTA, _DZ = range(3, 10)
+# rows of the forward's time-major workspace [chunk, _QF, CT]
+_U, _DELTA, _Z, _Y, _DLF, _AF = range(6)
+_QF = 6
+# rows of the backward's time-major workspace [chunk, _QB, CT] (_CB.._H1: the N = 1 path's)
+_DOUT, _DL, _SIG, _YB, _DU, _DDELTA, _DZ, _CB, _CC, _A1, _H1 = range(3, 14)
+_QB = 14
+# rows reused by the N = 1 path once their first use is over: g_t there goes into _DELTA (read
+# only by the softplus pass), dy_t into _YB (read only by the dz pass)
+_GG, _DY = _DELTA, _YB
 # rows of the backward's state workspace [chunk, N, 4, CT]
 _H, _A, _ACCB, _ACCC = range(4)
 
@@ -77,6 +88,20 @@ def _stack(rows, like, fill):
         for c in range(CT):
             a[r, c] = fill
     return a
+
+
+def _is_f32(a):
+    """Whether a is a float32 array, a compile-time constant: the N = 1 paths are compiled for
+    float32 only (float64 is not the fast path; LLVM drops the dead branch before its costly
+    passes, which keeps the float64 compile time down)."""
+    return a.dtype == np.float32
+
+
+@overload(_is_f32, inline="always")
+def _is_f32_ov(a):
+    if isinstance(a, types.Array) and a.dtype == types.float32:
+        return lambda a: True
+    return lambda a: False
 
 
 @njit(**_PAR)
@@ -132,7 +157,7 @@ def _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_
     dl = lane[2]
     dlu = lane[3]
     y = lane[4]
-    T = _zeros3(chunk, 4, u)
+    T = _zeros3(chunk, _QF, u)
     Tf = T.reshape(T.size)
     uf = u.reshape(u.size)
     deltaf = delta.reshape(delta.size)
@@ -140,18 +165,19 @@ def _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_
     outf = out.reshape(out.size)
     BT = _ones2(chunk, N, u)
     CTm = _ones2(chunk, N, u)
+    tile0 = (b * nd + d0) * L  # flat offset of (b, d0, 0) in u, delta, z, out
     for k in range(nchunks):
         t0 = k * chunk
-        tl = min(chunk, L - t0)
         if save:
             for n in range(N):
                 for c in range(CT):
                     saved[b, ti, k, n, c] = h[n, c]
-        row0 = (b * nd + d0) * L + t0  # flat offset of (b, d0, t0) in u, delta, z, out
-        transpose_block(uf, row0, L, Tf, _U * CT, 4 * CT, cnt, tl)
-        transpose_block(deltaf, row0, L, Tf, _DELTA * CT, 4 * CT, cnt, tl)
+        tl = min(chunk, L - t0)
+        row0 = tile0 + t0
+        transpose_block(uf, row0, L, Tf, _U * CT, _QF * CT, cnt, tl)
+        transpose_block(deltaf, row0, L, Tf, _DELTA * CT, _QF * CT, cnt, tl)
         if has_z:
-            transpose_block(zf, row0, L, Tf, _Z * CT, 4 * CT, cnt, tl)
+            transpose_block(zf, row0, L, Tf, _Z * CT, _QF * CT, cnt, tl)
         if not bconst:
             for n in range(N):
                 for t in range(tl):
@@ -160,33 +186,202 @@ def _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_
             for n in range(N):
                 for t in range(tl):
                     CTm[t, n] = Cg[b, gc, n, t0 + t]
-        for t in range(tl):
-            if sp:
+        # delta first, in its own loop: independent across steps, so its long latency
+        # chains overlap (inside the recurrence's step loop they would wait on each other)
+        if sp:
+            for t in range(tl):
                 for c in range(CT):
-                    dl[c] = softplus(T[t, _DELTA, c] + bias[c])[0]
-            else:
+                    T[t, _DLF, c] = softplus_value(T[t, _DELTA, c] + bias[c])
+        else:
+            for t in range(tl):
                 for c in range(CT):
-                    dl[c] = T[t, _DELTA, c] + bias[c]
-            for c in range(CT):
-                dlu[c] = dl[c] * T[t, _U, c]
-                y[c] = Dl[c] * T[t, _U, c]
-            for n in range(N):
-                bt = BT[t, n]
-                ct = CTm[t, n]
+                    T[t, _DLF, c] = T[t, _DELTA, c] + bias[c]
+        if N == 1 and _is_f32(u):
+            # N = 1: the decays too in a loop of their own; the step loop keeps the recurrence
+            for t in range(tl):
                 for c in range(CT):
-                    hh = fexp(dl[c] * Al[n, c]) * h[n, c] + dlu[c] * (bt * BL[n, c])
-                    h[n, c] = hh
-                    y[c] += hh * (ct * CL[n, c])
-            if has_z:
+                    T[t, _AF, c] = fexp(T[t, _DLF, c] * Al[0, c])
+            for t in range(tl):
+                bt = BT[t, 0]
+                ct = CTm[t, 0]
                 for c in range(CT):
-                    T[t, _Y, c] = y[c] * silu(T[t, _Z, c])[0]
-            else:
+                    uu = T[t, _U, c]
+                    hh = T[t, _AF, c] * h[0, c] + (T[t, _DLF, c] * uu) * (bt * BL[0, c])
+                    h[0, c] = hh
+                    T[t, _Y, c] = Dl[c] * uu + hh * (ct * CL[0, c])
+        else:
+            for t in range(tl):
+                for c in range(CT):
+                    dl[c] = T[t, _DLF, c]
+                    dlu[c] = dl[c] * T[t, _U, c]
+                    y[c] = Dl[c] * T[t, _U, c]
+                for n in range(N):
+                    bt = BT[t, n]
+                    ct = CTm[t, n]
+                    for c in range(CT):
+                        hh = fexp(dl[c] * Al[n, c]) * h[n, c] + dlu[c] * (bt * BL[n, c])
+                        h[n, c] = hh
+                        y[c] += hh * (ct * CL[n, c])
                 for c in range(CT):
                     T[t, _Y, c] = y[c]
-        transpose_block(Tf, _Y * CT, 4 * CT, outf, row0, L, tl, cnt)
+        if has_z:
+            for t in range(tl):
+                for c in range(CT):
+                    T[t, _Y, c] = T[t, _Y, c] * silu(T[t, _Z, c])[0]
+        transpose_block_out(Tf, _Y * CT, _QF * CT, outf, row0, L, tl, cnt)
     for c in range(cnt):
         for n in range(N):
             last[b, d0 + c, n] = h[n, c]
+
+
+@njit(inline="always")
+def _bwd_chunk(T, W, BT, CTm, Al, BL, CL, Dl, hv, g, dAl, dDv, dbv, tl, has_z, tmp, lane):
+    """A tile's chunk of the backward for any N: recompute the states (W's _H, _A rows) from hv,
+    then the reverse pass; T's _DL and _SIG rows hold delta and its derivative."""
+    N = Al.shape[0]
+    dl = lane[2]
+    dlu = lane[3]
+    y = lane[4]
+    dy = lane[5]
+    ddlu = lane[6]
+    ddl = lane[7]
+    # recompute the chunk's states (and a_t, y_t) from its saved start state
+    for t in range(tl):
+        for c in range(CT):
+            dl[c] = T[t, _DL, c]
+            dlu[c] = dl[c] * T[t, _U, c]
+            y[c] = Dl[c] * T[t, _U, c]
+        for n in range(N):
+            bt = BT[t, n]
+            ct = CTm[t, n]
+            for c in range(CT):
+                a = fexp(dl[c] * Al[n, c])
+                hh = a * hv[n, c] + dlu[c] * (bt * BL[n, c])
+                hv[n, c] = hh
+                tmp[0, c] = a
+                y[c] += hh * (ct * CL[n, c])
+            for c in range(CT):
+                W[t, n, _H, c] = hv[n, c]
+                W[t, n, _A, c] = tmp[0, c]
+        for c in range(CT):
+            T[t, _YB, c] = y[c]
+    # reverse: g_t = a_{t+1} g_{t+1} + dy_t C_t (g holds a_{t+1} g_{t+1} on entry)
+    for t in range(tl - 1, -1, -1):
+        if has_z:
+            for c in range(CT):
+                s, ds = silu(T[t, _Z, c])
+                T[t, _DZ, c] = T[t, _DOUT, c] * T[t, _YB, c] * ds
+                dy[c] = T[t, _DOUT, c] * s
+        else:
+            for c in range(CT):
+                dy[c] = T[t, _DOUT, c]
+        for c in range(CT):
+            dl[c] = T[t, _DL, c]
+            dlu[c] = dl[c] * T[t, _U, c]
+            dDv[c] += dy[c] * T[t, _U, c]
+            ddlu[c] = 0
+            ddl[c] = 0
+        for n in range(N):
+            bt = BT[t, n]
+            ct = CTm[t, n]
+            for c in range(CT):
+                tmp[0, c] = W[t, n, _H, c]
+                tmp[1, c] = W[t, n, _A, c]
+            for c in range(CT):
+                bb = bt * BL[n, c]
+                gg = g[n, c] + dy[c] * (ct * CL[n, c])
+                hh = tmp[0, c]
+                tmp[2, c] = dy[c] * hh
+                tmp[3, c] = gg * dlu[c]
+                ddlu[c] += gg * bb
+                # a_t h_{t-1} = h_t - x_t
+                dla = gg * (hh - dlu[c] * bb)
+                dAl[n, c] += dla * dl[c]
+                ddl[c] += dla * Al[n, c]
+                g[n, c] = tmp[1, c] * gg
+            for c in range(CT):
+                W[t, n, _ACCC, c] += tmp[2, c]
+                W[t, n, _ACCB, c] += tmp[3, c]
+        for c in range(CT):
+            T[t, _DU, c] = dy[c] * Dl[c] + ddlu[c] * dl[c]
+            dd = (ddlu[c] * T[t, _U, c] + ddl[c]) * T[t, _SIG, c]
+            T[t, _DDELTA, c] = dd
+            dbv[c] += dd
+
+
+@njit(inline="always")
+def _bwd_chunk_n1(T, W, BT, CTm, Al, BL, CL, Dl, hv, g, dAl, dDv, dbv, tl, has_z):
+    """_bwd_chunk for N = 1: only h and g are sequential, so everything else runs in loops over
+    the whole chunk. Each loop writes one heap array (T, or W at the end) besides stack buffers:
+    a loop reading one heap array and writing another stays scalar."""
+    for t in range(tl):
+        for c in range(CT):
+            T[t, _A1, c] = fexp(T[t, _DL, c] * Al[0, c])
+    for t in range(tl):
+        bt = BT[t, 0]
+        for c in range(CT):
+            hh = T[t, _A1, c] * hv[0, c] + (T[t, _DL, c] * T[t, _U, c]) * (bt * BL[0, c])
+            hv[0, c] = hh
+            T[t, _H1, c] = hh
+    if has_z:
+        for t in range(tl):
+            ct = CTm[t, 0]
+            for c in range(CT):
+                yb = Dl[c] * T[t, _U, c] + T[t, _H1, c] * (ct * CL[0, c])
+                s, ds = silu(T[t, _Z, c])
+                T[t, _DZ, c] = T[t, _DOUT, c] * yb * ds
+                T[t, _DY, c] = T[t, _DOUT, c] * s
+        dyr = _DY
+    else:
+        dyr = _DOUT
+    # g_t = a_{t+1} g_{t+1} + dy_t C_t, the only sequential part of the reverse pass
+    for t in range(tl - 1, -1, -1):
+        ct = CTm[t, 0]
+        for c in range(CT):
+            gg = g[0, c] + T[t, dyr, c] * (ct * CL[0, c])
+            T[t, _GG, c] = gg
+            g[0, c] = T[t, _A1, c] * gg
+    for t in range(tl - 1, -1, -1):
+        bt = BT[t, 0]
+        for c in range(CT):
+            dy = T[t, dyr, c]
+            uu = T[t, _U, c]
+            dl = T[t, _DL, c]
+            gg = T[t, _GG, c]
+            hh = T[t, _H1, c]
+            dlu = dl * uu
+            bb = bt * BL[0, c]
+            dDv[c] += dy * uu
+            T[t, _CC, c] = dy * hh
+            T[t, _CB, c] = gg * dlu
+            ddlu = gg * bb
+            # a_t h_{t-1} = h_t - x_t
+            dla = gg * (hh - dlu * bb)
+            dAl[0, c] += dla * dl
+            T[t, _DU, c] = dy * Dl[c] + ddlu * dl
+            dd = (ddlu * uu + dla * Al[0, c]) * T[t, _SIG, c]
+            T[t, _DDELTA, c] = dd
+            dbv[c] += dd
+    for t in range(tl):
+        for c in range(CT):
+            W[t, 0, _ACCC, c] += T[t, _CC, c]
+            W[t, 0, _ACCB, c] += T[t, _CB, c]
+
+
+@njit(inline="always")
+def _lane_sums(Wf, o, ws, tl, Sc, S):
+    """S[t] = sum over lanes c (in order) of Wf[o + t*ws + c] for t < tl, and zero those entries.
+    Lanes are transposed to rows first, so the sums are vector adds across steps, not a scalar
+    chain per step."""
+    transpose_block(Wf, o, ws, Sc, 0, tl, tl, CT)
+    for t in range(tl):
+        S[t] = 0
+    for c in range(CT):
+        for t in range(tl):
+            S[t] += Sc[c * tl + t]
+    for t in range(tl):
+        for c in range(CT):
+            Wf[o + t * ws + c] = 0
 
 
 @njit(inline="always")
@@ -264,15 +459,9 @@ def _bwd_unit(
     lane = _stack(10, u, 0)  # rows: bias, D, dl, dl*u, y, dy, d(dl*u), d(dl), dD, dbias
     bias = lane[0]
     Dl = lane[1]
-    dl = lane[2]
-    dlu = lane[3]
-    y = lane[4]
-    dy = lane[5]
-    ddlu = lane[6]
-    ddl = lane[7]
-    dDv = lane[8]
+    dDv = lane[8]  # rows 2-7: _bwd_chunk's per-step values
     dbv = lane[9]
-    T = _zeros3(chunk, 10, u)
+    T = _zeros3(chunk, _QB, u)
     Tf = T.reshape(T.size)
     uf = u.reshape(u.size)
     deltaf = delta.reshape(delta.size)
@@ -282,6 +471,9 @@ def _bwd_unit(
     ddeltaf = ddelta.reshape(ddelta.size)
     dzf = dz.reshape(dz.size)
     W = np.zeros((chunk, N, 4, CT), dt)
+    Wf = W.reshape(W.size)
+    Sc = np.empty(CT * chunk, dt)  # _lane_sums' scratch
+    S = carray(_stack_ptr(chunk, u), (chunk,))
     BT = _ones2(chunk, N, u)
     CTm = _ones2(chunk, N, u)
     for k in range(nchunks - 1, -1, -1):
@@ -327,88 +519,34 @@ def _bwd_unit(
                     for c in range(cnt, CT):
                         T[t, q, c] = 0
             row0 = (b * nd + d0) * L + t0  # flat offset of (b, d0, t0) in the [Bt, D, L] tensors
-            transpose_block(uf, row0, L, Tf, _U * CT, 10 * CT, cnt, tl)
-            transpose_block(deltaf, row0, L, Tf, _DELTA * CT, 10 * CT, cnt, tl)
+            transpose_block(uf, row0, L, Tf, _U * CT, _QB * CT, cnt, tl)
+            transpose_block(deltaf, row0, L, Tf, _DELTA * CT, _QB * CT, cnt, tl)
             if has_z:
-                transpose_block(zf, row0, L, Tf, _Z * CT, 10 * CT, cnt, tl)
+                transpose_block(zf, row0, L, Tf, _Z * CT, _QB * CT, cnt, tl)
             if has_dout:
-                transpose_block(doutf, row0, L, Tf, _DOUT * CT, 10 * CT, cnt, tl)
-            # recompute the chunk's states (and a_t, y_t) from its saved start state
-            for t in range(tl):
-                if sp:
+                transpose_block(doutf, row0, L, Tf, _DOUT * CT, _QB * CT, cnt, tl)
+            # delta and its derivative for the whole chunk first (independent across steps)
+            if sp:
+                for t in range(tl):
                     for c in range(CT):
                         s, sg = softplus(T[t, _DELTA, c] + bias[c])
-                        dl[c] = s
+                        T[t, _DL, c] = s
                         T[t, _SIG, c] = sg
-                else:
+            else:
+                for t in range(tl):
                     for c in range(CT):
-                        dl[c] = T[t, _DELTA, c] + bias[c]
-                for c in range(CT):
-                    T[t, _DL, c] = dl[c]
-                    dlu[c] = dl[c] * T[t, _U, c]
-                    y[c] = Dl[c] * T[t, _U, c]
-                for n in range(N):
-                    bt = BT[t, n]
-                    ct = CTm[t, n]
-                    for c in range(CT):
-                        a = fexp(dl[c] * Al[n, c])
-                        hh = a * hv[n, c] + dlu[c] * (bt * BL[n, c])
-                        hv[n, c] = hh
-                        tmp[0, c] = a
-                        y[c] += hh * (ct * CL[n, c])
-                    for c in range(CT):
-                        W[t, n, _H, c] = hv[n, c]
-                        W[t, n, _A, c] = tmp[0, c]
-                for c in range(CT):
-                    T[t, _YB, c] = y[c]
-            # reverse: g_t = a_{t+1} g_{t+1} + dy_t C_t (g holds a_{t+1} g_{t+1} on entry)
-            for t in range(tl - 1, -1, -1):
-                if has_z:
-                    for c in range(CT):
-                        s, ds = silu(T[t, _Z, c])
-                        T[t, _DZ, c] = T[t, _DOUT, c] * T[t, _YB, c] * ds
-                        dy[c] = T[t, _DOUT, c] * s
-                else:
-                    for c in range(CT):
-                        dy[c] = T[t, _DOUT, c]
-                for c in range(CT):
-                    dl[c] = T[t, _DL, c]
-                    dlu[c] = dl[c] * T[t, _U, c]
-                    dDv[c] += dy[c] * T[t, _U, c]
-                    ddlu[c] = 0
-                    ddl[c] = 0
-                for n in range(N):
-                    bt = BT[t, n]
-                    ct = CTm[t, n]
-                    for c in range(CT):
-                        tmp[0, c] = W[t, n, _H, c]
-                        tmp[1, c] = W[t, n, _A, c]
-                    for c in range(CT):
-                        bb = bt * BL[n, c]
-                        gg = g[n, c] + dy[c] * (ct * CL[n, c])
-                        hh = tmp[0, c]
-                        tmp[2, c] = dy[c] * hh
-                        tmp[3, c] = gg * dlu[c]
-                        ddlu[c] += gg * bb
-                        # a_t h_{t-1} = h_t - x_t
-                        dla = gg * (hh - dlu[c] * bb)
-                        dAl[n, c] += dla * dl[c]
-                        ddl[c] += dla * Al[n, c]
-                        g[n, c] = tmp[1, c] * gg
-                    for c in range(CT):
-                        W[t, n, _ACCC, c] += tmp[2, c]
-                        W[t, n, _ACCB, c] += tmp[3, c]
-                for c in range(CT):
-                    T[t, _DU, c] = dy[c] * Dl[c] + ddlu[c] * dl[c]
-                    dd = ddlu[c] * T[t, _U, c] + ddl[c]
-                    if sp:
-                        dd *= T[t, _SIG, c]
-                    T[t, _DDELTA, c] = dd
-                    dbv[c] += dd
-            transpose_block(Tf, _DU * CT, 10 * CT, duf, row0, L, tl, cnt)
-            transpose_block(Tf, _DDELTA * CT, 10 * CT, ddeltaf, row0, L, tl, cnt)
+                        T[t, _DL, c] = T[t, _DELTA, c] + bias[c]
+                        T[t, _SIG, c] = 1
+            if N == 1 and _is_f32(u):
+                _bwd_chunk_n1(T, W, BT, CTm, Al, BL, CL, Dl, hv, g, dAl, dDv, dbv, tl, has_z)
+            else:
+                _bwd_chunk(
+                    T, W, BT, CTm, Al, BL, CL, Dl, hv, g, dAl, dDv, dbv, tl, has_z, tmp, lane
+                )
+            transpose_block_out(Tf, _DU * CT, _QB * CT, duf, row0, L, tl, cnt)
+            transpose_block_out(Tf, _DDELTA * CT, _QB * CT, ddeltaf, row0, L, tl, cnt)
             if has_z:
-                transpose_block(Tf, _DZ * CT, 10 * CT, dzf, row0, L, tl, cnt)
+                transpose_block_out(Tf, _DZ * CT, _QB * CT, dzf, row0, L, tl, cnt)
             # constant B/C: each lane is its own channel, sum over time now
             if bconst:
                 for t in range(tl):
@@ -433,22 +571,14 @@ def _bwd_unit(
         # grouped B/C: every lane of the part shares the group, sum across lanes once per chunk
         if not bconst:
             for n in range(N):
+                _lane_sums(Wf, (n * 4 + _ACCB) * CT, N * 4 * CT, tl, Sc, S)
                 for t in range(tl):
-                    s = W[t, n, _ACCB, 0]
-                    W[t, n, _ACCB, 0] = 0
-                    for c in range(1, CT):
-                        s += W[t, n, _ACCB, c]
-                        W[t, n, _ACCB, c] = 0
-                    dB_p[b, p, n, t0 + t] = s
+                    dB_p[b, p, n, t0 + t] = S[t]
         if not cconst:
             for n in range(N):
+                _lane_sums(Wf, (n * 4 + _ACCC) * CT, N * 4 * CT, tl, Sc, S)
                 for t in range(tl):
-                    s = W[t, n, _ACCC, 0]
-                    W[t, n, _ACCC, 0] = 0
-                    for c in range(1, CT):
-                        s += W[t, n, _ACCC, c]
-                        W[t, n, _ACCC, c] = 0
-                    dC_p[b, p, n, t0 + t] = s
+                    dC_p[b, p, n, t0 + t] = S[t]
     for j in range(ntu):
         d0 = tiles[ts + j, 0]
         for c in range(tiles[ts + j, 1]):
