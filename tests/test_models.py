@@ -670,3 +670,17 @@ def test_config_is_typed():
         dataclasses.replace(cfg.ssm, out_norm="batchnorm")
     with pytest.raises(ValueError, match="routes"):
         cfg.replace(routes=("cross2d", "cross2d"))
+
+
+def test_cpu_inference_batch_chunking_is_exact(monkeypatch):
+    """VSS blocks run a CPU inference batch in groups of samples; results must not change."""
+    import vmamba.layers as layers
+
+    model = vmamba.create_model("vmamba_nano").eval()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        monkeypatch.setattr(layers, "_CPU_BLOCK_CHUNK", 1)  # one sample per group everywhere
+        chunked = model(x)
+        monkeypatch.setattr(layers, "_CPU_BLOCK_CHUNK", 1 << 40)  # never split
+        whole = model(x)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)

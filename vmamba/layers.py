@@ -168,6 +168,7 @@ def routes_key(spec: RoutesSpec) -> str:
 
 #: elements of one chunk's [b, K, Di, L] scan intermediates on CPU (4 MiB in float32: ~L2/L3-sized)
 _CPU_SCAN_CHUNK = 1 << 20
+_CPU_BLOCK_CHUNK = 1 << 21  # elements of a VSS block's widest activation per sample group
 
 
 def _dt_bias_init(n: int, cfg: SSMConfig) -> torch.Tensor:
@@ -491,6 +492,12 @@ class VSSBlock(nn.Module):
             self.norm2 = make_norm(norm, dim)
             mlp_cls = GatedMlp if mlp.gated else Mlp
             self.mlp = mlp_cls(dim, int(dim * mlp.ratio), mlp, channels_first)
+        # widest activation of the block relative to its input (for CPU batch chunking)
+        self._widening = max(
+            1.0,
+            (2 if mlp.gated else 1) * mlp.ratio if self.mlp_branch else 1.0,
+            2 * ssm.ssm_ratio if self.ssm_branch else 1.0,
+        )
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ssm_branch:
@@ -504,6 +511,21 @@ class VSSBlock(nn.Module):
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(self._forward, x, use_reentrant=False)
+        b = x.shape[0]
+        if (
+            b > 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        ):
+            # CPU inference: run the block over groups of samples whose widest activation (the
+            # MLP's hidden layer) stays cache-sized and below malloc's mmap threshold; a whole
+            # batch's 4x-wide hidden tensor is fresh memory, page-faulted in on every call
+            # (stage 1 MLP at batch 8: 59 -> 33 ms on 2 threads). Samples are independent.
+            step = max(1, int(_CPU_BLOCK_CHUNK // (x[0].numel() * self._widening)))
+            if step < b:
+                return torch.cat([self._forward(xc) for xc in x.split(step)])
         return self._forward(x)
 
 
