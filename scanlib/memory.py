@@ -59,7 +59,8 @@ def _take(nbytes: int) -> np.ndarray:
             return idle.pop()
     # torch's allocator, not numpy's: numpy asks for transparent huge pages on large arrays,
     # and with the kernel's THP defrag policy "madvise" that makes the first touch stall
-    return torch.empty(nbytes, dtype=torch.uint8).numpy()
+    with torch.inference_mode(False):  # outlives this call: never an inference tensor
+        return torch.empty(nbytes, dtype=torch.uint8).numpy()
 
 
 _NP = {
@@ -83,7 +84,7 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -
     owner = _take(nbytes)
     lease = owner.view(_NP[dtype]).reshape(shape).view(_Lease)
     lease._owner = owner
-    t = torch.from_numpy(lease)
+    t = torch.from_numpy(lease)  # an inference tensor only if the caller is in inference_mode
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 

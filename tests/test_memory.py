@@ -70,3 +70,15 @@ def test_torch_backend_interleaved_calls_keep_their_own_state():
         out.sum().backward()
         for name, grad in g.items():
             torch.testing.assert_close(grad, fresh[name].grad, rtol=0, atol=0)
+
+
+def test_torch_backend_first_call_under_inference_mode():
+    """The reused workspace is created by whichever call comes first; a first call under
+    inference_mode must not leave inference tensors that later autograd calls write into."""
+    from scanlib_backends.torch import chunked
+
+    chunked.release_workspace()
+    case = ScanCase.example(batch=2, dim=6, seqlen=50, dstate=2, groups=3, seed=4)
+    with torch.inference_mode():
+        scanlib.selective_scan(**case.make(requires_grad=False), backend="torch")
+    assert_scan_close(case, "torch")

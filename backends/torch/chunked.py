@@ -60,7 +60,10 @@ class _Workspace:
         key = (name, dtype, device)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            # a normal tensor even if this call runs under inference_mode: later calls outside it
+            # write into the buffer in place
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self.bufs[key] = buf
         return buf[:numel].view(shape)
 
