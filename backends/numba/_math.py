@@ -37,6 +37,7 @@ _LOG2E = _f32(1.4426950408889634)
 _LN2_HI = _f32(0.693359375)
 _LN2_LO = _f32(-2.12194440e-4)
 _X_MIN = _f32(-87.33654)  # e^x < FLT_MIN below: the result is flushed to 0
+_X_MAX = _f32(88.72283)  # ln(FLT_MAX)
 _X_HUGE = _f32(89.0)  # e^x overflows float32 above ln(FLT_MAX) = 88.72284: clamp a bit above
 _HALF = _f32(0.5)
 _ONE = _f32(1.0)
@@ -70,22 +71,36 @@ def _pow2(typingctx, k):
     return types.float32(types.float32), codegen
 
 
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def _exp32(x):
-    # Estrin's form of the polynomial: half the dependent steps of Horner's, so more elements are
-    # in flight. x is clamped to [_X_MIN, _X_HUGE] (NaN passes: numba's min/max propagate it):
-    # at _X_MIN 2**(k-1) has a zero exponent field (the result is 0); above ln(FLT_MAX) the
-    # product overflows to inf by itself, so no select is needed for either end.
-    xc = min(max(x, _X_MIN), _X_HUGE)
-    k = np.floor(xc * _LOG2E + _HALF)
-    r = xc - k * _LN2_HI
+@njit(inline="always")
+def _exp_reduced32(x):
+    """e^x for x in [_X_MIN, _X_HUGE] as (p, k - 1), e^x = p * 2**(k-1) * 2. The polynomial is in
+    Estrin's form: half the dependent steps of Horner's, so more elements are in flight."""
+    k = np.floor(x * _LOG2E + _HALF)
+    r = x - k * _LN2_HI
     r = r - k * _LN2_LO
     r2 = r * r
     r4 = r2 * r2
     p = (_P0 + _P1 * r) + (_P2 + _P3 * r) * r2 + ((_P4 + _P5 * r) + _P6 * r2) * r4
-    # scale by 2**(k-1) * 2 so that k = 128 stays in range
-    res = (p * _pow2(k - _ONE)) * _TWO
+    return p, k - _ONE
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _exp32(x):
+    # x is clamped to [_X_MIN, _X_HUGE] (NaN passes: numba's min/max propagate it): at _X_MIN
+    # 2**(k-1) has a zero exponent field (the result is 0); above ln(FLT_MAX) the product
+    # overflows to inf by itself, so no select is needed for either end.
+    p, km1 = _exp_reduced32(min(max(x, _X_MIN), _X_HUGE))
+    res = (p * _pow2(km1)) * _TWO  # 2**(k-1) * 2: k = 128 stays in range
     return x if x != x else res  # NaN stays NaN (fptosi of NaN gives an arbitrary exponent)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _exp_finite32(x):
+    """e^x for arguments that cannot overflow (x <= ln(FLT_MAX), e.g. a decay delta A <= 0),
+    without exp's NaN select: a NaN x gives a finite value, so the caller must carry NaN on
+    through another term (the recurrence's input does). Below _X_MIN: ~1e-38, not 0."""
+    p, km1 = _exp_reduced32(min(max(x, _X_MIN), _X_MAX))
+    return (p * _pow2(km1)) * _TWO
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -102,8 +117,8 @@ def _log1p_unit32(t):
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _softplus_value32(raw):
-    # max(x, 0) + log1p(e^-|x|): no division; NaN stays NaN
-    t = _exp32(-abs(raw))
+    # max(x, 0) + log1p(e^-|x|): no division, one NaN select (at the end)
+    t = _exp_finite32(-abs(raw))
     sp = max(raw, _ZERO) + _log1p_unit32(t)
     return raw if raw != raw else sp
 
@@ -144,6 +159,11 @@ def fexp(x):
     return math.exp(x)
 
 
+def exp_finite(x):
+    """e^x for x <= ln(FLT_MAX) (float32: no NaN select, see _exp_finite32; float64: libm)."""
+    return math.exp(x)
+
+
 def softplus(raw):
     """(softplus(raw), sigmoid(raw)): the value and its derivative."""
     return _softplus64(raw)
@@ -163,6 +183,15 @@ def silu(z):
 def _fexp_ov(x):
     if x == types.float32:
         return lambda x: _exp32(x)
+    if x == types.float64:
+        return lambda x: math.exp(x)
+    return None
+
+
+@overload(exp_finite, inline="always")
+def _exp_finite_ov(x):
+    if x == types.float32:
+        return lambda x: _exp_finite32(x)
     if x == types.float64:
         return lambda x: math.exp(x)
     return None
