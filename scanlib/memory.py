@@ -75,8 +75,7 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -
     """``torch.empty(shape, dtype=dtype, device=device)``, reusing cached pages for large CPU
     tensors (contents are arbitrary, as with ``torch.empty``)."""
     device = torch.device(device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = itemsize
+    nbytes = dtype.itemsize
     for s in shape:
         nbytes *= s
     if device.type != "cpu" or nbytes < MIN_BYTES or dtype not in _NP or _limit <= 0:

@@ -10,7 +10,7 @@ import torch
 import scanlib
 from scanlib import selective_scan
 from scanlib.inputs import BCForm
-from scanlib.testing import ScanCase
+from scanlib.testing import ScanCase, assert_scan_close
 
 
 def _args(b=2, d=4, L=5, n=3, dtype=torch.float32):
@@ -297,3 +297,19 @@ def test_steep_decay_stays_finite():
     ref = scanlib.selective_scan_ref(*(t.double() for t in (u, delta, A, B, C)))
     assert torch.isfinite(out).all()
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_torch_backend_many_blocks_match_reference(monkeypatch, N):
+    """Tiny blocks force the torch backend's plan to split the batch and the channels of each
+    group across blocks (and pad the last chunk): every block boundary must be invisible."""
+    from scanlib_backends.torch import chunked
+
+    monkeypatch.setattr(chunked, "_BLOCK_ELEMS", 64)
+    chunked.release_workspace()
+    case = ScanCase.example(batch=3, dim=12, groups=3, seqlen=45, dstate=N, seed=5)
+    plan = chunked._Plan(scanlib.scan_inputs(**case.make(requires_grad=False)))
+    assert len({(b0, b1) for b0, b1, _, _ in plan.blocks}) > 1  # batch split
+    assert any(j1 - j0 < plan.Dg for _, _, j0, j1 in plan.blocks)  # channels split
+    assert plan.rem  # padded last chunk
+    assert_scan_close(case, "torch")

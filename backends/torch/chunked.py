@@ -135,8 +135,8 @@ class _Plan:
         b0, b1, j0, j1 = blk
         return t.unflatten(1, (self.G, self.Dg))[b0:b1, :, j0:j1]
 
-    def to_tm(self, src: torch.Tensor, buf: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """[..., L] (any strides, any dtype) -> ``buf``, time-major [T, ..., C] (padding = fill)."""
+    def to_tm(self, src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """[..., L] (any strides, any dtype) -> ``buf``, time-major [T, ..., C] (padding = 0)."""
         T, C, full, rem = self.T, self.C, self.full, self.rem
         R = math.prod(src.shape[:-1])
         buf = buf.view(T, *src.shape[:-1], C)
@@ -149,7 +149,7 @@ class _Plan:
             buf[..., :full].copy_(body.movedim(-1, 0))
         if rem:
             buf[:rem, ..., full].copy_(src[..., full * T :].movedim(-1, 0))
-            buf[rem:, ..., full] = fill
+            buf[rem:, ..., full] = 0
         return buf
 
     def from_tm(self, buf: torch.Tensor, dst: torch.Tensor, add: bool = False) -> None:
