@@ -310,6 +310,20 @@ class SS2D(nn.Module):
                 return torch.cat([self._scan(xc, channels_last) for xc in x.split(step)])
         return self._scan(x, channels_last)
 
+    def _A(self, cdt: torch.dtype) -> torch.Tensor:
+        """A = -exp(A_logs): [K*Di, N]."""
+        return -torch.exp(self.A_logs.to(cdt))
+
+    def _scan_options(self, cdt: torch.dtype) -> dict:
+        """The scan arguments both scan paths share (D skip, dt bias + softplus, float32 out)."""
+        return dict(
+            D=self.Ds.to(cdt),
+            delta_bias=self.dt_projs_bias.reshape(-1).to(cdt),
+            delta_softplus=True,
+            out_dtype=cdt,
+            backend=self.cfg.scan_backend,
+        )
+
     def _scan_fused(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """The scan path as ONE ``scanlib.cross_selective_scan`` (route sets whose routes each
         read every pixel): the per-route projections are per pixel, so they run on the map in
@@ -329,20 +343,9 @@ class SS2D(nn.Module):
             x_dbl = x_dbl.to(x.dtype)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         y = scanlib.cross_selective_scan(
-            x,
-            dts,
-            -torch.exp(self.A_logs.to(cdt)),
-            bs,
-            cs,
-            D=self.Ds.to(cdt),
-            delta_bias=self.dt_projs_bias.reshape(-1).to(cdt),
-            delta_softplus=True,
-            routes=self.routes_key,
-            delta_proj=self.dt_projs_weight,
-            channels_last=channels_last,
-            out_dtype=cdt,
-            backend=self.cfg.scan_backend,
-        )
+            x, dts, self._A(cdt), bs, cs, **self._scan_options(cdt),
+            routes=self.routes_key, delta_proj=self.dt_projs_weight, channels_last=channels_last,
+        )  # fmt: skip
         if channels_last == self.channels_first:  # the block's layout, as a view
             y = y.permute(0, 3, 1, 2) if channels_last else y.permute(0, 2, 3, 1)
         return y
@@ -368,18 +371,7 @@ class SS2D(nn.Module):
             u, delta, bs, cs = (t.to(cdt) for t in (u, delta, bs, cs))
         else:
             delta, bs, cs = (t.to(u.dtype) for t in (delta, bs, cs))
-        ys = scanlib.selective_scan(
-            u,
-            delta,
-            -torch.exp(self.A_logs.to(cdt)),
-            bs,
-            cs,
-            D=self.Ds.to(cdt),
-            delta_bias=self.dt_projs_bias.reshape(-1).to(cdt),
-            delta_softplus=True,
-            out_dtype=cdt,
-            backend=self.cfg.scan_backend,
-        )
+        ys = scanlib.selective_scan(u, delta, self._A(cdt), bs, cs, **self._scan_options(cdt))
         ys = ys.view(b, k, c, length)
         return scanlib.cross_merge(ys, self.routes_key, h, w, channels_last=not self.channels_first)
 
