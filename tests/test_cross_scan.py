@@ -154,13 +154,19 @@ def test_parallel_and_serial_runs_agree(monkeypatch):
     p = dict(routes="cross2d", batch=3, dim=40, H=9, W=11, N=2, rank=6, channels_last=False,
              layout="contiguous", softplus=True, with_D=True, with_bias=True)  # fmt: skip
     args, kwargs = _case(p, torch.float32)
+    from scanlib_backends.numba import _team
+
     with torch.no_grad():
         monkeypatch.setattr(kernel, "_threads", lambda: 2)
         monkeypatch.setattr(kernel, "PARALLEL_MIN_ELEMENTS", 0)
-        par = scanlib.cross_selective_scan(*args, **kwargs)
+        team = scanlib.cross_selective_scan(*args, **kwargs)  # torch's OpenMP team, if found
+        with monkeypatch.context() as m:
+            m.setattr(_team, "gomp_parallel", lambda: None)
+            par = scanlib.cross_selective_scan(*args, **kwargs)  # numba's parallel launch
         monkeypatch.setattr(kernel, "_threads", lambda: 1)
         ser = scanlib.cross_selective_scan(*args, **kwargs)
-    assert torch.equal(par, ser)  # units own disjoint channels: same arithmetic either way
+    # units own disjoint channels: same arithmetic either way
+    assert torch.equal(par, ser) and torch.equal(team, ser)
 
 
 def test_cached_weights_follow_in_place_updates():

@@ -130,6 +130,55 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+def _without_team(monkeypatch) -> None:
+    from scanlib_backends.numba import _team
+
+    monkeypatch.setattr(_team, "gomp_parallel", lambda: None)
+
+
+def test_team_runtime_found_where_torch_uses_openmp():
+    from scanlib_backends.numba import _team
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op backend is not OpenMP")
+    assert _team.gomp_parallel() is not None or sys.platform != "linux"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_team_launch_equals_numba_launch(monkeypatch, dtype):
+    """The units on torch's OpenMP team (the default with 2+ threads) and on numba's own pool
+    give the same bits: forward, last state and every gradient."""
+    kw = _case(dim=100, groups=2, dstate=3, seqlen=97, dtype=dtype).make("cpu", requires_grad=True)
+    kw["z"] = torch.randn_like(kw["u"]).requires_grad_()
+    kw["D"] = torch.randn(kw["u"].shape[1], dtype=kw["u"].dtype).requires_grad_()
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = []
+        for team in (True, False):
+            with monkeypatch.context() as m:
+                if not team:
+                    _without_team(m)
+                out, last = scanlib.selective_scan(**kw, backend="numba")
+                loss = (out * out).sum() + last.sum()
+                res.append((out, last, *torch.autograd.grad(loss, [kw[k] for k in names])))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_team_header_rejects_non_contiguous_arrays():
+    from scanlib_backends.numba import _team
+
+    a = np.zeros((4, 6), np.float32)
+    h = _team.header((a, 3, a[:, 1:].copy()), 5)
+    assert h is not None and h[0] == len(h) and list(h[-2:]) == [5, 0]
+    assert list(h[2:4]) == [4, 6] and h[4] == 3
+    assert _team.header((a[:, ::2],), 1) is None
+
+
 def test_no_grad_and_bad_input():
     kw = _case().make("cpu", requires_grad=False)
     with torch.no_grad():

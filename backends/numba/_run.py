@@ -8,13 +8,17 @@ from __future__ import annotations
 import functools
 import threading
 
+import numba
 import numpy as np
 import torch
 
 from scanlib import memory
 from scanlib.inputs import BCForm, ScanInputs
 
-from . import _threading  # noqa: F401  (picks numba's threading layer before any kernel runs)
+from . import (
+    _team,
+    _threading,  # noqa: F401  (picks numba's threading layer before any kernel runs)
+)
 from . import kernels as K
 
 # The workqueue threading layer of numba aborts when two threads enter parallel code at once;
@@ -24,6 +28,19 @@ _lock = threading.Lock()
 #: work units the backward aims for (independent of the thread count: the partition fixes the
 #: order of the dB/dC sums, so results do not depend on how many threads run)
 _BWD_UNITS = 32
+
+
+def _on_team(kind: str, args: tuple, n_units: int) -> bool:
+    """Run kernel ``kind``'s units on torch's OpenMP team (``_team``) when more than one thread
+    is allowed and the team is available; False when the caller must launch it itself."""
+    threads = min(numba.get_num_threads(), torch.get_num_threads(), n_units)
+    if threads < 2 or _team.gomp_parallel() is None:
+        return False
+    h = _team.header(args, n_units)
+    if h is None:
+        return False
+    _team.launch(K.team_fn(kind, args[0].dtype == np.float64), h, threads)
+    return True
 
 
 def _empty_out(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -82,8 +99,8 @@ def partition(
     groups = np.stack(
         [tiles_a[parts_a[:, 0], 0] // b_per, tiles_a[parts_a[:, 0], 0] // c_per], axis=1
     )
-    for a in (tiles_a, parts_a, groups):
-        a.setflags(write=False)
+    # shared by every call of this layout: read only by the kernels (not flagged read-only, so
+    # the kernels' numba and team entry points compile for the same array types)
     return tiles_a, parts_a, groups
 
 
@@ -135,12 +152,14 @@ def forward(
     saved = torch.empty(b, len(p.tiles), p.nchunks, n, K.CT, dtype=p.cdt) if save else None
     flags = p.flags.copy()
     flags[K.F_SAVE] = save
-    with _lock:
-        K.scan_fwd(
-            p.u, p.delta, p.z, p.dbias, p.A, p.Dp, p.Bg, p.Bc, p.Cg, p.Cc, p.h0,
-            p.tiles, p.b_per, p.c_per, flags, p.chunk,
-            out.numpy(), last.numpy(), saved.numpy() if save else _empty(5, p.npdt),
-        )  # fmt: skip
+    args = (
+        p.u, p.delta, p.z, p.dbias, p.A, p.Dp, p.Bg, p.Bc, p.Cg, p.Cc, p.h0,
+        p.tiles, p.b_per, p.c_per, flags, p.chunk,
+        out.numpy(), last.numpy(), saved.numpy() if save else _empty(5, p.npdt),
+    )  # fmt: skip
+    if not _on_team("fwd", args, b * len(p.tiles)):
+        with _lock:
+            K.scan_fwd(*args)
     return out.to(inputs.result_dtype), last, saved
 
 
@@ -170,15 +189,17 @@ def backward(
     def arr(t: torch.Tensor | None, ndim: int) -> np.ndarray:
         return t.numpy() if t is not None else _empty(ndim, npdt)
 
-    with _lock:
-        K.scan_bwd(
-            p.u, p.delta, p.z, p.dbias, p.A, p.Dp, p.Bg, p.Bc, p.Cg, p.Cc,
-            p.tiles, p.parts, p.b_per, p.c_per, flags, p.chunk, saved.numpy(),
-            _np(dout, cdt) if dout is not None else _empty(3, npdt),
-            _np(dlast, cdt) if dlast is not None else _empty(3, npdt),
-            du.numpy(), ddelta.numpy(), arr(dz, 3), dA_p.numpy(), dD_p.numpy(), dbias_p.numpy(),
-            arr(dB_p, 4), arr(dC_p, 4), arr(dBc_p, 3), arr(dCc_p, 3), arr(dh0, 3),
-        )  # fmt: skip
+    args = (
+        p.u, p.delta, p.z, p.dbias, p.A, p.Dp, p.Bg, p.Bc, p.Cg, p.Cc,
+        p.tiles, p.parts, p.b_per, p.c_per, flags, p.chunk, saved.numpy(),
+        _np(dout, cdt) if dout is not None else _empty(3, npdt),
+        _np(dlast, cdt) if dlast is not None else _empty(3, npdt),
+        du.numpy(), ddelta.numpy(), arr(dz, 3), dA_p.numpy(), dD_p.numpy(), dbias_p.numpy(),
+        arr(dB_p, 4), arr(dC_p, 4), arr(dBc_p, 3), arr(dCc_p, 3), arr(dh0, 3),
+    )  # fmt: skip
+    if not _on_team("bwd", args, b * nparts):
+        with _lock:
+            K.scan_bwd(*args)
 
     def bc_grad(
         name: str, const_p: torch.Tensor | None, part_p: torch.Tensor | None, col: int

@@ -30,10 +30,13 @@ so each kernel compiles once per compute dtype.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import _team
 from ._math import fexp, silu, softplus, softplus_value
 from ._transpose import transpose_block, transpose_block_out
 
@@ -111,6 +114,37 @@ def scan_fwd(u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per,
     [Bt, D, N]; tiles: [T, 2] (first channel, lanes); saved: [Bt, T, chunks, N, CT]."""
     n_units = u.shape[0] * tiles.shape[0]
     for w in prange(n_units):
+        _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved)  # fmt: skip
+
+
+@njit(**_UNIT)
+def _fwd_team_body(data, like):
+    """:func:`scan_fwd`'s units on a thread of torch's OpenMP team (see ``_team``): its
+    arguments unpacked from the header at ``data``; ``like`` a scalar of the float type."""
+    h = _team.words(data)
+    u, o = _team.f3(h, 1, like)
+    delta, o = _team.f3(h, o, like)
+    z, o = _team.f3(h, o, like)
+    dbias, o = _team.f1(h, o, like)
+    A, o = _team.f2(h, o, like)
+    Dp, o = _team.f1(h, o, like)
+    Bg, o = _team.f4(h, o, like)
+    Bc, o = _team.f2(h, o, like)
+    Cg, o = _team.f4(h, o, like)
+    Cc, o = _team.f2(h, o, like)
+    h0, o = _team.f3(h, o, like)
+    tiles, o = _team.i2(h, o)
+    b_per, c_per = h[o], h[o + 1]
+    flags, o = _team.i1(h, o + 2)
+    chunk = h[o]
+    out, o = _team.f3(h, o + 1, like)
+    last, o = _team.f3(h, o, like)
+    saved, o = _team.f5(h, o, like)
+    n_units = h[o]
+    while True:
+        w = _team.claim(h, o + 1)
+        if w >= n_units:
+            break
         _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved)  # fmt: skip
 
 
@@ -412,6 +446,50 @@ def scan_bwd(
 
 
 @njit(**_UNIT)
+def _bwd_team_body(data, like):
+    """:func:`scan_bwd`'s units on a thread of torch's OpenMP team (see :func:`_fwd_team_body`)."""
+    h = _team.words(data)
+    u, o = _team.f3(h, 1, like)
+    delta, o = _team.f3(h, o, like)
+    z, o = _team.f3(h, o, like)
+    dbias, o = _team.f1(h, o, like)
+    A, o = _team.f2(h, o, like)
+    Dp, o = _team.f1(h, o, like)
+    Bg, o = _team.f4(h, o, like)
+    Bc, o = _team.f2(h, o, like)
+    Cg, o = _team.f4(h, o, like)
+    Cc, o = _team.f2(h, o, like)
+    tiles, o = _team.i2(h, o)
+    parts, o = _team.i2(h, o)
+    b_per, c_per = h[o], h[o + 1]
+    flags, o = _team.i1(h, o + 2)
+    chunk = h[o]
+    saved, o = _team.f5(h, o + 1, like)
+    dout, o = _team.f3(h, o, like)
+    dlast, o = _team.f3(h, o, like)
+    du, o = _team.f3(h, o, like)
+    ddelta, o = _team.f3(h, o, like)
+    dz, o = _team.f3(h, o, like)
+    dA_p, o = _team.f3(h, o, like)
+    dD_p, o = _team.f2(h, o, like)
+    dbias_p, o = _team.f2(h, o, like)
+    dB_p, o = _team.f4(h, o, like)
+    dC_p, o = _team.f4(h, o, like)
+    dBc_p, o = _team.f3(h, o, like)
+    dCc_p, o = _team.f3(h, o, like)
+    dh0, o = _team.f3(h, o, like)
+    n_units = h[o]
+    while True:
+        w = _team.claim(h, o + 1)
+        if w >= n_units:
+            break
+        _bwd_unit(
+            w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, tiles, parts, b_per, c_per, flags, chunk, saved, dout,
+            dlast, du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p, dBc_p, dCc_p, dh0,
+        )  # fmt: skip
+
+
+@njit(**_UNIT)
 def _bwd_unit(
     w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, tiles, parts, b_per, c_per, flags, chunk, saved, dout, dlast,
     du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p, dBc_p, dCc_p, dh0,
@@ -593,3 +671,33 @@ def _bwd_unit(
                     dCc_p[b, d, n] = run[j, n, 3, c]
                 if has_h0:
                     dh0[b, d, n] = run[j, n, 0, c]
+
+
+def _fwd_team32(data):
+    _fwd_team_body(data, np.float32(0))
+
+
+def _fwd_team64(data):
+    _fwd_team_body(data, np.float64(0))
+
+
+def _bwd_team32(data):
+    _bwd_team_body(data, np.float32(0))
+
+
+def _bwd_team64(data):
+    _bwd_team_body(data, np.float64(0))
+
+
+_TEAM = {
+    ("fwd", False): _fwd_team32,
+    ("fwd", True): _fwd_team64,
+    ("bwd", False): _bwd_team32,
+    ("bwd", True): _bwd_team64,
+}
+
+
+@functools.cache
+def team_fn(kind: str, f64: bool):
+    """The team entry point (a C callback) of ``kind`` ("fwd" or "bwd"), compiled on first use."""
+    return cfunc(types.void(types.voidptr), cache=True, nogil=True)(_TEAM[kind, f64])
