@@ -117,11 +117,10 @@ def scan_fwd(u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per,
         _fwd_unit(w, u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per, flags, chunk, out, last, saved)  # fmt: skip
 
 
-@njit(**_UNIT)
-def _fwd_team_body(data, like):
-    """:func:`scan_fwd`'s units on a thread of torch's OpenMP team (see ``_team``): its
-    arguments unpacked from the header at ``data``; ``like`` a scalar of the float type."""
-    h = _team.words(data)
+@njit(inline="always")
+def _team_inputs(h, like):
+    """The leading arguments :func:`scan_fwd` and :func:`scan_bwd` share, read from a team
+    header (see ``_team``): (u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, next offset)."""
     u, o = _team.f3(h, 1, like)
     delta, o = _team.f3(h, o, like)
     z, o = _team.f3(h, o, like)
@@ -132,6 +131,15 @@ def _fwd_team_body(data, like):
     Bc, o = _team.f2(h, o, like)
     Cg, o = _team.f4(h, o, like)
     Cc, o = _team.f2(h, o, like)
+    return u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o
+
+
+@njit(**_UNIT)
+def _fwd_team_body(data, like):
+    """:func:`scan_fwd`'s units on a thread of torch's OpenMP team (see ``_team``): its
+    arguments unpacked from the header at ``data``; ``like`` a scalar of the float type."""
+    h = _team.words(data)
+    u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o = _team_inputs(h, like)
     h0, o = _team.f3(h, o, like)
     tiles, o = _team.i2(h, o)
     b_per, c_per = h[o], h[o + 1]
@@ -449,16 +457,7 @@ def scan_bwd(
 def _bwd_team_body(data, like):
     """:func:`scan_bwd`'s units on a thread of torch's OpenMP team (see :func:`_fwd_team_body`)."""
     h = _team.words(data)
-    u, o = _team.f3(h, 1, like)
-    delta, o = _team.f3(h, o, like)
-    z, o = _team.f3(h, o, like)
-    dbias, o = _team.f1(h, o, like)
-    A, o = _team.f2(h, o, like)
-    Dp, o = _team.f1(h, o, like)
-    Bg, o = _team.f4(h, o, like)
-    Bc, o = _team.f2(h, o, like)
-    Cg, o = _team.f4(h, o, like)
-    Cc, o = _team.f2(h, o, like)
+    u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o = _team_inputs(h, like)
     tiles, o = _team.i2(h, o)
     parts, o = _team.i2(h, o)
     b_per, c_per = h[o], h[o + 1]
