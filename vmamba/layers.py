@@ -399,16 +399,8 @@ class SS2D(nn.Module):
         return self.dropout(self.out_proj(y))
 
     def _act_fresh(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.act(x)`` for the conv's fresh output: in place when no gradient needs x. A
-        second multi-MB tensor per call is page-faulted in afresh on CPU: conv + SiLU at stage 1,
-        batch 8, took 16.6 ms out of place and 3.7 ms in place."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self.act(x)
-        if type(self.act) is nn.SiLU:
-            return F.silu(x, inplace=True)
-        if type(self.act) is nn.ReLU:
-            return F.relu(x, inplace=True)
-        return self.act(x)
+        """``self.act(x)`` for the conv's fresh output (see :func:`_act_fresh`)."""
+        return _act_fresh(self.act, x)
 
     def extra_repr(self) -> str:
         routes = self.routes_key
@@ -423,6 +415,23 @@ class SS2D(nn.Module):
 # MLP and the VSS block
 
 
+def _act_fresh(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` for a fresh tensor nothing else reads (a conv's or linear's output): in place
+    when no gradient needs x. A second multi-MB tensor per call is page-faulted in afresh on
+    CPU: SS2D's conv + SiLU at stage 1, batch 8, took 16.6 ms out of place and 3.7 ms in place;
+    the MLP's GELU in place made a VMamba-T forward at batch 8 1.8 % faster (2 threads)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return act(x)
+    kind = type(act)
+    if kind is nn.SiLU:
+        return F.silu(x, inplace=True)
+    if kind is nn.ReLU:
+        return F.relu(x, inplace=True)
+    if kind is nn.GELU and hasattr(torch.ops.aten, "gelu_"):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
+
+
 class Mlp(nn.Module):
     """fc1 -> act -> drop -> fc2 -> drop (per pixel; channel-first uses :class:`Linear2d`)."""
 
@@ -435,7 +444,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(cfg.drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(_act_fresh(self.act, self.fc1(x)))))
 
 
 class GatedMlp(nn.Module):
