@@ -308,6 +308,33 @@ def test_throughput_command(tmp_path):
     assert summary["scaling"][0]["pixel_ratio"] == pytest.approx(4.0)
 
 
+def test_throughput_interleaved_rounds_pair_the_models(tmp_path):
+    """--rounds: every configuration in one process, one timing per round each, and the median
+    of the per-round ratios against the first model in the JSON summary and the output."""
+    out = tmp_path / "tp.csv"
+    argv = ["bench", "throughput", "--models", "vmamba_nano", "--resolutions", "32", "48"]
+    argv += ["--batch-sizes", "1", "2", "--warmup", "1", "--rounds", "3", "--device", "cpu"]
+    argv += ["--scan-backends", "torch", "reference", "--out", str(out)]
+    assert _cli(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 8 and all(r["error"] == "" and r["repeats"] == "3" for r in rows)
+    assert all(r["peak_mem_mib"] == "" for r in rows)  # not measured when interleaved
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["rounds"] == 3
+    assert all(len(r["times_s"]) == 3 for r in summary["runs"])
+    pairs = {(p["resolution"], p["batch"]): p for p in summary["paired_ratios"]}
+    assert set(pairs) == {(32, 1), (32, 2), (48, 1), (48, 2)}
+    for (res, b), p in pairs.items():
+        assert p["reference"] == "vmamba_nano [torch]" and p["model"] == "vmamba_nano [reference]"
+        ref, other = (
+            next(r["times_s"] for r in summary["runs"]
+                 if r["label"] == lab and r["resolution"] == res and r["batch"] == b)
+            for lab in (p["reference"], p["model"])
+        )  # fmt: skip
+        want = sorted(o / t for o, t in zip(other, ref))[1]
+        assert p["ratio"] == pytest.approx(want) and p["rounds"] == 3
+
+
 def test_throughput_isolated_backward_measures_memory(tmp_path):
     from vmamba.analysis import run_throughput
 

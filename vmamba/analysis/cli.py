@@ -183,6 +183,15 @@ def add_parser(subparsers) -> None:
         "--timeout", type=float, default=None, help="seconds allowed per isolated configuration"
     )
     tp.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="interleave: build every configuration in this process, then time each once per "
+        "round for ROUNDS rounds in a rotating order, and report the median of the per-round "
+        "latency ratios against the first model (robust to a drifting machine load; replaces "
+        "--repeats and isolation; peak memory is not measured)",
+    )
+    tp.add_argument(
         "--scan-backends",
         nargs="+",
         default=None,
@@ -289,6 +298,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         out_png=out.with_suffix(".png"),
         timeout=args.timeout,
         scan_backends=args.scan_backends or (None,),
+        rounds=args.rounds,
     )
     print(f"{'model':<30} {'res':>5} {'batch':>5} {'ms/image':>10} {'images/s':>9} {'peak MiB':>9}")
     for r in results:
@@ -299,7 +309,17 @@ def _run_throughput(args: argparse.Namespace) -> int:
         print(
             f"{r.label:<30} {r.resolution:>5} {r.batch:>5} {r.ms_per_image:10.1f} {r.images_per_s:9.2f} {mem}"
         )
-    from .throughput import scaling_summary
+    from .throughput import paired_ratios, scaling_summary
+
+    if args.rounds:
+        print(
+            f"latency over the first model's, median of {args.rounds} paired rounds (> 1: it is faster)"
+        )
+        for p in paired_ratios(results):
+            print(
+                f"  {p['resolution']}x{p['resolution']} batch {p['batch']}: {p['model']} / "
+                f"{p['reference']} = {p['ratio']:.2f}"
+            )
 
     for s in scaling_summary(results):
         print(

@@ -160,6 +160,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _make_step(
+    model: nn.Module,
+    batch: int,
+    resolution: int,
+    device: torch.device,
+    backward: bool,
+    amp_dtype: torch.dtype | None,
+    in_chans: int,
+):
+    """One timed run of ``model`` on a fixed random input: forward under ``inference_mode``, or
+    forward + backward (the model in train mode: dropout and drop-path count there)."""
+    model.train(backward)
+    x = torch.randn(batch, in_chans, resolution, resolution, device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if backward:
+                out = model(x)
+                loss = (
+                    sum(o.float().sum() for o in out)
+                    if isinstance(out, (list, tuple))
+                    else out.float().sum()
+                )
+            else:
+                with torch.inference_mode():
+                    out = model(x)
+        if backward:
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        del out
+
+    return step
+
+
+def _prime(
+    model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, in_chans: int
+) -> None:
+    """One-time costs (JIT compilation of a scan backend, oneDNN primitive caches) on a small
+    input, so they land neither in the timings nor in the peak memory."""
+    try:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        ):
+            model(torch.randn(1, in_chans, 64, 64, device=device))
+    except (RuntimeError, ValueError, AssertionError):
+        pass  # a model with a fixed input size: its warm-up runs do the job
+
+
 def measure(
     model: nn.Module,
     resolution: int,
@@ -182,37 +231,9 @@ def measure(
     """
     device = torch.device(device)
     model = model.to(device)
-    model.train(backward)  # dropout/drop-path only matter for the backward benchmark
-    x = torch.randn(batch, in_chans, resolution, resolution, device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if backward:
-                out = model(x)
-                loss = (
-                    sum(o.float().sum() for o in out)
-                    if isinstance(out, (list, tuple))
-                    else out.float().sum()
-                )
-            else:
-                with torch.inference_mode():
-                    out = model(x)
-        if backward:
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        del out
-
+    step = _make_step(model, batch, resolution, device, backward, amp_dtype, in_chans)
     if prime:
-        # one-time costs (JIT compilation of a scan backend, oneDNN primitive caches) on a small
-        # input, so they land neither in the timings nor in the peak memory
-        try:
-            with (
-                torch.inference_mode(),
-                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-            ):
-                model(torch.randn(1, in_chans, 64, 64, device=device))
-        except (RuntimeError, ValueError, AssertionError):
-            pass  # a model with a fixed input size: its warm-up runs do the job
+        _prime(model, device, amp_dtype, in_chans)
     mem_method = ""
     base = 0
     if device.type == "cuda":
@@ -264,15 +285,9 @@ def _amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _run_one(spec: dict[str, Any]) -> BenchResult:
-    """Build the model of ``spec`` and measure one configuration (in this process)."""
-    from .common import load_model, resolve_device
-
-    device = resolve_device(spec["device"])
-    if spec.get("threads"):
-        _limit_threads(int(spec["threads"]))
+def _new_result(spec: dict[str, Any], device: torch.device) -> BenchResult:
     amp_dtype = _amp(spec["amp"], device)
-    res = BenchResult(
+    return BenchResult(
         model=spec["model"],
         label=spec["model"],
         device=str(device),
@@ -284,16 +299,36 @@ def _run_one(spec: dict[str, Any]) -> BenchResult:
         warmup=int(spec["warmup"]),
         repeats=int(spec["repeats"]),
     )
+
+
+def _load(spec: dict[str, Any], res: BenchResult, device: torch.device):
+    """Load the model of ``spec`` and fill in ``res``'s label, scan backend and size."""
+    from .common import load_model
+
+    loaded = load_model(spec["model"], model_args=spec.get("model_args"), img_size=res.resolution)
+    res.label = loaded.name
+    if loaded.kind == "vmamba":
+        res.scan_backend = _scan_backend(spec.get("model_args") or {}, device)
+        res.label = f"{loaded.name} [{res.scan_backend.removeprefix('auto: ')}]"
+    res.params_m = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    return loaded
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _run_one(spec: dict[str, Any]) -> BenchResult:
+    """Build the model of ``spec`` and measure one configuration (in this process)."""
+    from .common import resolve_device
+
+    device = resolve_device(spec["device"])
+    if spec.get("threads"):
+        _limit_threads(int(spec["threads"]))
+    res = _new_result(spec, device)
     torch.manual_seed(0)
     try:
-        loaded = load_model(
-            spec["model"], model_args=spec.get("model_args"), img_size=res.resolution
-        )
-        res.label = loaded.name
-        if loaded.kind == "vmamba":
-            res.scan_backend = _scan_backend(spec.get("model_args") or {}, device)
-            res.label = f"{loaded.name} [{res.scan_backend.removeprefix('auto: ')}]"
-        res.params_m = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+        loaded = _load(spec, res, device)
         got = measure(
             loaded.model,
             res.resolution,
@@ -302,17 +337,95 @@ def _run_one(spec: dict[str, Any]) -> BenchResult:
             backward=bool(spec["backward"]),
             warmup=res.warmup,
             repeats=res.repeats,
-            amp_dtype=amp_dtype,
+            amp_dtype=_amp(spec["amp"], device),
             in_chans=loaded.in_chans,
             isolated=bool(spec.get("isolated")),
         )
     except (RuntimeError, ValueError, MemoryError) as e:  # OOM, unsupported size: record, go on
-        res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        res.error = _error(e)
         return res
     res.times_s = got["times_s"]
     res.median_s, res.min_s = got["median_s"], got["min_s"]
     res.peak_mem_mib, res.mem_method = got["peak_mem_mib"], got["mem_method"]
     return res
+
+
+def _run_interleaved(specs: Sequence[dict[str, Any]], rounds: int) -> list[BenchResult]:
+    """Every configuration of ``specs`` in this process: build and warm them all, then
+    ``rounds`` rounds that time each configuration once, in an order rotated between rounds, so
+    a change in a shared machine's load hits all of them alike and the i-th times of two
+    configurations form a pair (:func:`paired_ratios`). Peak memory is not measured."""
+    from .common import resolve_device
+
+    loaded: dict[tuple, Any] = {}
+    entries: list[tuple[BenchResult, Any, torch.device]] = []
+    for spec in specs:
+        device = resolve_device(spec["device"])
+        if spec.get("threads"):
+            _limit_threads(int(spec["threads"]))
+        res = _new_result(spec, device)
+        res.repeats = rounds
+        res.mem_method = "not measured (interleaved rounds)"
+        key = (spec["model"], json.dumps(spec.get("model_args") or {}, sort_keys=True))
+        key += (res.resolution,)
+        torch.manual_seed(0)
+        try:
+            if key not in loaded:
+                loaded[key] = (_load(spec, res, device), res)
+            else:  # the same model at another batch size: same label, backend, size
+                first = loaded[key][1]
+                res.label, res.scan_backend = first.label, first.scan_backend
+                res.params_m = first.params_m
+            lm = loaded[key][0]
+            model = lm.model.to(device)
+            amp_dtype = _amp(spec["amp"], device)
+            step = _make_step(
+                model, res.batch, res.resolution, device, bool(spec["backward"]), amp_dtype,
+                lm.in_chans,
+            )  # fmt: skip
+            _prime(model, device, amp_dtype, lm.in_chans)
+            for _ in range(res.warmup):
+                step()
+            _sync(device)
+        except (RuntimeError, ValueError, MemoryError) as e:
+            res.error = _error(e)
+            step = None
+        entries.append((res, step, device))
+    live = [e for e in entries if e[1] is not None]
+    for i in range(rounds if live else 0):
+        k = i % len(live)
+        for res, step, device in live[k:] + live[:k]:
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            res.times_s.append(time.perf_counter() - t0)
+    for res, _, _ in live:
+        res.median_s, res.min_s = statistics.median(res.times_s), min(res.times_s)
+    return [res for res, _, _ in entries]
+
+
+def paired_ratios(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
+    """For results of interleaved rounds: at each (resolution, batch), every other model's
+    latency over the first model's, the median of the per-round ratios (> 1: the first model is
+    faster). Pairing by round makes the ratio robust to a drifting machine load."""
+    out = []
+    groups: dict[tuple[int, int], list[BenchResult]] = {}
+    for r in _ok(results):
+        groups.setdefault((r.resolution, r.batch), []).append(r)
+    for (res, batch), rs in groups.items():
+        ref = rs[0]
+        for r in rs[1:]:
+            n = min(len(r.times_s), len(ref.times_s))
+            if n == 0:
+                continue
+            ratios = [a / b for a, b in zip(r.times_s[:n], ref.times_s[:n])]
+            out.append(
+                dict(
+                    resolution=res, batch=batch, model=r.label, reference=ref.label,
+                    ratio=statistics.median(ratios), rounds=n,
+                )
+            )  # fmt: skip
+    return out
 
 
 def _scan_backend(model_args: dict[str, Any], device: torch.device) -> str:
@@ -395,6 +508,7 @@ def run_throughput(
     out_png: str | Path | None = "throughput.png",
     timeout: float | None = None,
     scan_backends: Sequence[str | None] = (None,),
+    rounds: int = 0,
 ) -> list[BenchResult]:
     """Measure every (model, resolution, batch size); write the CSV and the log-log plot.
 
@@ -402,7 +516,10 @@ def run_throughput(
     ``isolate`` (default: on CPU) runs each configuration in a fresh process. ``model_args``
     go to vmamba models only. Each vmamba model is measured once per entry of
     ``scan_backends`` (None: automatic selection); its label names the backend it ran
-    (``vmamba_tiny [numba]``). ``timeout`` bounds each isolated run.
+    (``vmamba_tiny [numba]``). ``timeout`` bounds each isolated run. ``rounds`` > 0 runs every
+    configuration in this process in interleaved rounds instead (:func:`_run_interleaved`;
+    ``repeats`` and ``isolate`` are then unused, peak memory is not measured) and adds the
+    paired ratios against the first model (:func:`paired_ratios`) to the JSON summary.
     """
     from ..data.errors import ConfigError
     from .common import _is_vmamba, check_model_spec, parse_model_spec, resolve_device
@@ -415,8 +532,10 @@ def run_throughput(
     if amp not in ("auto", "none", "bf16", "fp16"):
         raise ConfigError(f"--amp {amp}: expected auto, none, bf16 or fp16")
     dev = resolve_device(device)
+    if rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {rounds}")
     if isolate is None:
-        isolate = dev.type == "cpu"
+        isolate = dev.type == "cpu" and not rounds
     results: list[BenchResult] = []
     for name in models:
         check_model_spec(name)
@@ -429,41 +548,32 @@ def run_throughput(
                 runs.append((name, {**(model_args or {}), **extra}))
         else:
             runs.append((name, {}))
-    for name, spec_args in runs:
-        for r in sorted(int(r) for r in resolutions):
-            for b in sorted(int(b) for b in batch_sizes):
-                spec = dict(
-                    model=name,
-                    model_args=spec_args,
-                    resolution=r,
-                    batch=b,
-                    device=str(dev),
-                    backward=backward,
-                    warmup=warmup,
-                    repeats=repeats,
-                    amp=amp,
-                    threads=threads,
-                )
-                res = _run_isolated(spec, timeout) if isolate else _run_one(spec)
-                if res.error:
-                    logger.warning("%s %dx%d batch %d: %s", name, r, r, b, res.error)
-                else:
-                    mem = (
-                        f", peak +{res.peak_mem_mib:.0f} MiB"
-                        if res.peak_mem_mib is not None
-                        else ""
-                    )
-                    logger.info(
-                        "%-30s %4dx%-4d batch %-3d %9.1f ms/image %8.2f images/s%s",
-                        res.label,
-                        r,
-                        r,
-                        b,
-                        res.ms_per_image,
-                        res.images_per_s,
-                        mem,
-                    )
-                results.append(res)
+    specs = [
+        dict(
+            model=name,
+            model_args=spec_args,
+            resolution=r,
+            batch=b,
+            device=str(dev),
+            backward=backward,
+            warmup=warmup,
+            repeats=repeats,
+            amp=amp,
+            threads=threads,
+        )
+        for name, spec_args in runs
+        for r in sorted(int(r) for r in resolutions)
+        for b in sorted(int(b) for b in batch_sizes)
+    ]
+    if rounds:
+        results = _run_interleaved(specs, rounds)
+        for res in results:
+            _log(res)
+    else:
+        results = []
+        for spec in specs:
+            results.append(_run_isolated(spec, timeout) if isolate else _run_one(spec))
+            _log(results[-1])
     if out_csv is not None:
         write_csv(results, out_csv)
     if out_png is not None:
@@ -475,10 +585,26 @@ def run_throughput(
             "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__,
             "scaling": scaling_summary(results),
+            **({"rounds": rounds, "paired_ratios": paired_ratios(results)} if rounds else {}),
             "runs": [{**r.row(), "times_s": r.times_s} for r in results],
         }
         Path(out_csv).with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
+
+
+def _log(res: BenchResult) -> None:
+    if res.error:
+        logger.warning(
+            "%s %dx%d batch %d: %s", res.model, res.resolution, res.resolution, res.batch,
+            res.error,
+        )  # fmt: skip
+        return
+    mem = f", peak +{res.peak_mem_mib:.0f} MiB" if res.peak_mem_mib is not None else ""
+    logger.info(
+        "%-30s %4dx%-4d batch %-3d %9.1f ms/image %8.2f images/s%s",
+        res.label, res.resolution, res.resolution, res.batch, res.ms_per_image,
+        res.images_per_s, mem,
+    )  # fmt: skip
 
 
 def write_csv(results: Sequence[BenchResult], path: str | Path) -> None:
