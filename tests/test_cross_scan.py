@@ -149,24 +149,29 @@ def test_fused_16bit_inputs_compute_in_float32(dtype):
 
 def test_parallel_and_serial_runs_agree(monkeypatch):
     numba_or_skip()
+    from scanlib_backends.numba import _team
     from scanlib_backends.numba import cross as kernel
 
     p = dict(routes="cross2d", batch=3, dim=40, H=9, W=11, N=2, rank=6, channels_last=False,
              layout="contiguous", softplus=True, with_D=True, with_bias=True)  # fmt: skip
     args, kwargs = _case(p, torch.float32)
-    from scanlib_backends.numba import _team
-
+    gomp = _team.gomp_parallel()
+    calls = []
     with torch.no_grad():
-        monkeypatch.setattr(kernel, "_threads", lambda: 2)
         monkeypatch.setattr(kernel, "PARALLEL_MIN_ELEMENTS", 0)
-        team = scanlib.cross_selective_scan(*args, **kwargs)  # torch's OpenMP team, if found
+        monkeypatch.setattr(kernel, "_threads", lambda: 1)
+        ser = scanlib.cross_selective_scan(*args, **kwargs)  # the calling thread
+        monkeypatch.setattr(kernel, "_threads", lambda: 2)
         with monkeypatch.context() as m:
             m.setattr(_team, "gomp_parallel", lambda: None)
             par = scanlib.cross_selective_scan(*args, **kwargs)  # numba's parallel launch
-        monkeypatch.setattr(kernel, "_threads", lambda: 1)
-        ser = scanlib.cross_selective_scan(*args, **kwargs)
+        if gomp is not None:  # torch's OpenMP team (Linux), counted
+            monkeypatch.setattr(_team, "gomp_parallel", lambda: lambda *a: calls.append(gomp(*a)))
+            team = scanlib.cross_selective_scan(*args, **kwargs)
     # units own disjoint channels: same arithmetic either way
-    assert torch.equal(par, ser) and torch.equal(team, ser)
+    assert torch.equal(par, ser)
+    if gomp is not None:
+        assert calls == [None] and torch.equal(team, ser)
 
 
 def test_cached_weights_follow_in_place_updates():

@@ -30,17 +30,16 @@ _lock = threading.Lock()
 _BWD_UNITS = 32
 
 
+def _threads() -> int:
+    """Threads for a call: numba's count, capped by torch's (``torch.set_num_threads(1)`` then
+    keeps the whole model on one core)."""
+    return min(numba.get_num_threads(), torch.get_num_threads())
+
+
 def _on_team(kind: str, args: tuple, n_units: int) -> bool:
-    """Run kernel ``kind``'s units on torch's OpenMP team (``_team``) when more than one thread
-    is allowed and the team is available; False when the caller must launch it itself."""
-    threads = min(numba.get_num_threads(), torch.get_num_threads(), n_units)
-    if threads < 2 or _team.gomp_parallel() is None:
-        return False
-    h = _team.header(args, n_units)
-    if h is None:
-        return False
-    _team.launch(K.team_fn(kind, args[0].dtype == np.float64), h, threads)
-    return True
+    """Run kernel ``kind``'s units on torch's OpenMP team (``_team.run``); False when the caller
+    must launch it itself."""
+    return _team.run(K.TEAM[kind, args[0].dtype == np.float64], args, n_units, _threads())
 
 
 def _empty_out(*shape: int, dtype: torch.dtype) -> torch.Tensor:

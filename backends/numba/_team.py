@@ -9,11 +9,12 @@ intra-op backend is OpenMP (Linux builds), this module instead calls that very r
 ``GOMP_parallel`` with a compiled C callback: torch's already-spinning workers pick the units up
 at once, and no second pool exists.
 
-A kernel that uses it provides a numba ``cfunc(void(voidptr))`` which unpacks its arguments from
-an int64 header (:func:`header`: its own length, then every array as its address and shape,
-C-contiguous, every integer as itself, then the unit count and a shared counter; :func:`words`
-and the ``f1``..``i2`` readers) and claims work units with an atomic increment of the counter
-until none is left (:func:`claim`). Units own disjoint outputs, so the
+A kernel that uses it provides a plain Python function ``entry(data)``, compiled on first use into
+a C callback (:func:`compiled`), which unpacks its arguments from an int64 header (:func:`header`:
+its own length, then every array as its address and shape, C-contiguous, every integer as
+itself, then the unit count and a shared counter; :func:`words` and the ``arr1``..``arr5``
+readers) and claims work units with an atomic increment of the counter until none is left
+(:func:`claim`). :func:`run` makes the call, or declines it. Units own disjoint outputs, so the
 result does not depend on which thread runs which unit.
 
 ``SCANLIB_NUMBA_TEAM=0`` turns it off (numba's own parallel launch is used then).
@@ -30,7 +31,7 @@ import sys
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 _OMP_LIB = re.compile(r"^lib(g|i|)omp[^/]*\.so")
@@ -80,10 +81,29 @@ def header(args: tuple, n_units: int) -> np.ndarray | None:
     return np.array(h, dtype=np.int64)
 
 
-def launch(cfunc, h: np.ndarray, n_threads: int) -> None:
-    """Run ``cfunc(h)`` on ``n_threads`` threads of torch's OpenMP team (the caller is one of
-    them); returns when every unit is done. ctypes releases the GIL for the call."""
-    gomp_parallel()(cfunc.address, h.ctypes.data, n_threads, 0)
+@functools.cache
+def compiled(entry):
+    """``entry(data)`` (a module-level function, so numba caches it on disk) as a C callback."""
+    return cfunc(types.void(types.voidptr), cache=True, nogil=True)(entry)
+
+
+def run(entry, args: tuple, n_units: int, n_threads: int) -> bool:
+    """Run ``entry``'s ``n_units`` work units over ``args`` on ``n_threads`` threads of torch's
+    OpenMP team (the caller is one of them) and return True when every unit is done; return
+    False, running nothing, when fewer than 2 threads are asked for, the team is not available or
+    an array is not C-contiguous (the caller then launches the kernel itself). ctypes releases
+    the GIL for the call."""
+    n_threads = min(n_threads, n_units)
+    if n_threads < 2:
+        return False
+    gomp = gomp_parallel()
+    if gomp is None:
+        return False
+    h = header(args, n_units)
+    if h is None:
+        return False
+    gomp(compiled(entry).address, h.ctypes.data, n_threads, 0)
+    return True
 
 
 @intrinsic
@@ -120,40 +140,30 @@ def words(data):
 
 
 # readers of the header's arrays: (array, offset of the next entry); ``like`` a scalar of the
-# float type
+# element type (``np.float32(0)``, ``np.int64(0)``, ...)
 
 
 @njit(inline="always")
-def f1(h, o, like):
+def arr1(h, o, like):
     return carray(addr_ptr(h[o], like), (h[o + 1],)), o + 2
 
 
 @njit(inline="always")
-def f2(h, o, like):
+def arr2(h, o, like):
     return carray(addr_ptr(h[o], like), (h[o + 1], h[o + 2])), o + 3
 
 
 @njit(inline="always")
-def f3(h, o, like):
+def arr3(h, o, like):
     return carray(addr_ptr(h[o], like), (h[o + 1], h[o + 2], h[o + 3])), o + 4
 
 
 @njit(inline="always")
-def f4(h, o, like):
+def arr4(h, o, like):
     return carray(addr_ptr(h[o], like), (h[o + 1], h[o + 2], h[o + 3], h[o + 4])), o + 5
 
 
 @njit(inline="always")
-def f5(h, o, like):
+def arr5(h, o, like):
     shape = (h[o + 1], h[o + 2], h[o + 3], h[o + 4], h[o + 5])
     return carray(addr_ptr(h[o], like), shape), o + 6
-
-
-@njit(inline="always")
-def i1(h, o):
-    return carray(addr_ptr(h[o], np.int64(0)), (h[o + 1],)), o + 2
-
-
-@njit(inline="always")
-def i2(h, o):
-    return carray(addr_ptr(h[o], np.int64(0)), (h[o + 1], h[o + 2])), o + 3

@@ -16,21 +16,19 @@ Imported on first use (it imports numba).
 
 from __future__ import annotations
 
-import functools
 import weakref
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import carray, cfunc, njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from scanlib.cross import CrossScanInputs
 
 from . import _team
 from ._math import exp_finite, softplus_value
-from ._run import _empty_out, _lock
+from ._run import _empty_out, _lock, _threads
 from .kernels import _PAR, _UNIT, _stack_ptr
 
 #: lanes (channels) per work unit: four AVX2 vectors of float32. Measured at VMamba-T's shapes:
@@ -240,17 +238,17 @@ def _team_body(data, like):
     """The units of one call on a thread of torch's OpenMP team (see ``_team``): the arguments of
     :func:`cross_fwd` unpacked from the header at ``data``; ``like`` a scalar of the float type."""
     h = _team.words(data)
-    u, o = _team.f1(h, 1, like)
-    dl_in, o = _team.f1(h, o, like)
-    Bm, o = _team.f1(h, o, like)
-    Cm, o = _team.f1(h, o, like)
-    At, o = _team.f1(h, o, like)
-    dbias, o = _team.f1(h, o, like)
-    Dsum, o = _team.f1(h, o, like)
-    Wdt, o = _team.f1(h, o, like)
-    routes, o = _team.i2(h, o)
-    ints, o = _team.i1(h, o)
-    out, o = _team.f1(h, o, like)
+    u, o = _team.arr1(h, 1, like)
+    dl_in, o = _team.arr1(h, o, like)
+    Bm, o = _team.arr1(h, o, like)
+    Cm, o = _team.arr1(h, o, like)
+    At, o = _team.arr1(h, o, like)
+    dbias, o = _team.arr1(h, o, like)
+    Dsum, o = _team.arr1(h, o, like)
+    Wdt, o = _team.arr1(h, o, like)
+    routes, o = _team.arr2(h, o, np.int64(0))
+    ints, o = _team.arr1(h, o, np.int64(0))
+    out, o = _team.arr1(h, o, like)
     n_units = h[o]
     while True:
         w = _team.claim(h, o + 1)
@@ -265,12 +263,6 @@ def _team32(data):
 
 def _team64(data):
     _team_body(data, np.float64(0))
-
-
-@functools.cache
-def _team_fn(f64: bool):
-    """The team entry point (a C callback) for float32 or float64, compiled on first use."""
-    return cfunc(types.void(types.voidptr), cache=True, nogil=True)(_team64 if f64 else _team32)
 
 
 @njit(**_UNIT)
@@ -446,22 +438,13 @@ def _run_units(args: tuple, n_units: int, elements: int) -> None:
     (see ``_team``), else numba's parallel launch for large calls, else a plain loop on the
     calling thread."""
     threads = min(_threads(), n_units)
-    if threads > 1 and _team.gomp_parallel() is not None:
-        h = _team.header(args, n_units)
-        if h is not None:
-            _team.launch(_team_fn(args[0].dtype == np.float64), h, threads)
-            return
+    if _team.run(_team64 if args[0].dtype == np.float64 else _team32, args, n_units, threads):
+        return
     if elements >= PARALLEL_MIN_ELEMENTS and threads > 1:
         with _lock:  # numba's workqueue layer must not be entered by two threads at once
             cross_fwd(*args)
     else:  # nogil: concurrent calls from several Python threads may run side by side
         cross_fwd_units(*args, 0, n_units)
-
-
-def _threads() -> int:
-    """Threads for a call: numba's count, capped by torch's (``torch.set_num_threads(1)`` then
-    keeps the whole model on one core)."""
-    return min(numba.get_num_threads(), torch.get_num_threads())
 
 
 _weights: dict[int, tuple[weakref.ref, tuple, np.ndarray]] = {}

@@ -30,10 +30,8 @@ so each kernel compiles once per compute dtype.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-from numba import carray, cfunc, njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import _team
@@ -121,16 +119,16 @@ def scan_fwd(u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, h0, tiles, b_per, c_per,
 def _team_inputs(h, like):
     """The leading arguments :func:`scan_fwd` and :func:`scan_bwd` share, read from a team
     header (see ``_team``): (u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, next offset)."""
-    u, o = _team.f3(h, 1, like)
-    delta, o = _team.f3(h, o, like)
-    z, o = _team.f3(h, o, like)
-    dbias, o = _team.f1(h, o, like)
-    A, o = _team.f2(h, o, like)
-    Dp, o = _team.f1(h, o, like)
-    Bg, o = _team.f4(h, o, like)
-    Bc, o = _team.f2(h, o, like)
-    Cg, o = _team.f4(h, o, like)
-    Cc, o = _team.f2(h, o, like)
+    u, o = _team.arr3(h, 1, like)
+    delta, o = _team.arr3(h, o, like)
+    z, o = _team.arr3(h, o, like)
+    dbias, o = _team.arr1(h, o, like)
+    A, o = _team.arr2(h, o, like)
+    Dp, o = _team.arr1(h, o, like)
+    Bg, o = _team.arr4(h, o, like)
+    Bc, o = _team.arr2(h, o, like)
+    Cg, o = _team.arr4(h, o, like)
+    Cc, o = _team.arr2(h, o, like)
     return u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o
 
 
@@ -140,14 +138,14 @@ def _fwd_team_body(data, like):
     arguments unpacked from the header at ``data``; ``like`` a scalar of the float type."""
     h = _team.words(data)
     u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o = _team_inputs(h, like)
-    h0, o = _team.f3(h, o, like)
-    tiles, o = _team.i2(h, o)
+    h0, o = _team.arr3(h, o, like)
+    tiles, o = _team.arr2(h, o, np.int64(0))
     b_per, c_per = h[o], h[o + 1]
-    flags, o = _team.i1(h, o + 2)
+    flags, o = _team.arr1(h, o + 2, np.int64(0))
     chunk = h[o]
-    out, o = _team.f3(h, o + 1, like)
-    last, o = _team.f3(h, o, like)
-    saved, o = _team.f5(h, o, like)
+    out, o = _team.arr3(h, o + 1, like)
+    last, o = _team.arr3(h, o, like)
+    saved, o = _team.arr5(h, o, like)
     n_units = h[o]
     while True:
         w = _team.claim(h, o + 1)
@@ -458,25 +456,25 @@ def _bwd_team_body(data, like):
     """:func:`scan_bwd`'s units on a thread of torch's OpenMP team (see :func:`_fwd_team_body`)."""
     h = _team.words(data)
     u, delta, z, dbias, A, Dp, Bg, Bc, Cg, Cc, o = _team_inputs(h, like)
-    tiles, o = _team.i2(h, o)
-    parts, o = _team.i2(h, o)
+    tiles, o = _team.arr2(h, o, np.int64(0))
+    parts, o = _team.arr2(h, o, np.int64(0))
     b_per, c_per = h[o], h[o + 1]
-    flags, o = _team.i1(h, o + 2)
+    flags, o = _team.arr1(h, o + 2, np.int64(0))
     chunk = h[o]
-    saved, o = _team.f5(h, o + 1, like)
-    dout, o = _team.f3(h, o, like)
-    dlast, o = _team.f3(h, o, like)
-    du, o = _team.f3(h, o, like)
-    ddelta, o = _team.f3(h, o, like)
-    dz, o = _team.f3(h, o, like)
-    dA_p, o = _team.f3(h, o, like)
-    dD_p, o = _team.f2(h, o, like)
-    dbias_p, o = _team.f2(h, o, like)
-    dB_p, o = _team.f4(h, o, like)
-    dC_p, o = _team.f4(h, o, like)
-    dBc_p, o = _team.f3(h, o, like)
-    dCc_p, o = _team.f3(h, o, like)
-    dh0, o = _team.f3(h, o, like)
+    saved, o = _team.arr5(h, o + 1, like)
+    dout, o = _team.arr3(h, o, like)
+    dlast, o = _team.arr3(h, o, like)
+    du, o = _team.arr3(h, o, like)
+    ddelta, o = _team.arr3(h, o, like)
+    dz, o = _team.arr3(h, o, like)
+    dA_p, o = _team.arr3(h, o, like)
+    dD_p, o = _team.arr2(h, o, like)
+    dbias_p, o = _team.arr2(h, o, like)
+    dB_p, o = _team.arr4(h, o, like)
+    dC_p, o = _team.arr4(h, o, like)
+    dBc_p, o = _team.arr3(h, o, like)
+    dCc_p, o = _team.arr3(h, o, like)
+    dh0, o = _team.arr3(h, o, like)
     n_units = h[o]
     while True:
         w = _team.claim(h, o + 1)
@@ -688,15 +686,10 @@ def _bwd_team64(data):
     _bwd_team_body(data, np.float64(0))
 
 
-_TEAM = {
+#: the team entry points (see ``_team``) by kernel and float64-ness
+TEAM = {
     ("fwd", False): _fwd_team32,
     ("fwd", True): _fwd_team64,
     ("bwd", False): _bwd_team32,
     ("bwd", True): _bwd_team64,
 }
-
-
-@functools.cache
-def team_fn(kind: str, f64: bool):
-    """The team entry point (a C callback) of ``kind`` ("fwd" or "bwd"), compiled on first use."""
-    return cfunc(types.void(types.voidptr), cache=True, nogil=True)(_TEAM[kind, f64])

@@ -357,12 +357,14 @@ def _run_interleaved(specs: Sequence[dict[str, Any]], rounds: int) -> list[Bench
     configurations form a pair (:func:`paired_ratios`). Peak memory is not measured."""
     from .common import resolve_device
 
+    if not specs:
+        return []
+    device = resolve_device(specs[0]["device"])  # one device and thread count for the sweep
+    if specs[0].get("threads"):
+        _limit_threads(int(specs[0]["threads"]))
     loaded: dict[tuple, Any] = {}
-    entries: list[tuple[BenchResult, Any, torch.device]] = []
+    entries: list[tuple[BenchResult, Any]] = []
     for spec in specs:
-        device = resolve_device(spec["device"])
-        if spec.get("threads"):
-            _limit_threads(int(spec["threads"]))
         res = _new_result(spec, device)
         res.repeats = rounds
         res.mem_method = "not measured (interleaved rounds)"
@@ -390,18 +392,18 @@ def _run_interleaved(specs: Sequence[dict[str, Any]], rounds: int) -> list[Bench
         except (RuntimeError, ValueError, MemoryError) as e:
             res.error = _error(e)
             step = None
-        entries.append((res, step, device))
+        entries.append((res, step))
     live = [e for e in entries if e[1] is not None]
     for i in range(rounds if live else 0):
         k = i % len(live)
-        for res, step, device in live[k:] + live[:k]:
+        for res, step in live[k:] + live[:k]:
             t0 = time.perf_counter()
             step()
             _sync(device)
             res.times_s.append(time.perf_counter() - t0)
-    for res, _, _ in live:
+    for res, _ in live:
         res.median_s, res.min_s = statistics.median(res.times_s), min(res.times_s)
-    return [res for res, _, _ in entries]
+    return [res for res, _ in entries]
 
 
 def paired_ratios(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
@@ -536,7 +538,6 @@ def run_throughput(
         raise ConfigError(f"rounds must be >= 0, got {rounds}")
     if isolate is None:
         isolate = dev.type == "cpu" and not rounds
-    results: list[BenchResult] = []
     for name in models:
         check_model_spec(name)
     runs: list[tuple[str, dict[str, Any]]] = []
