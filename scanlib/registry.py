@@ -153,6 +153,10 @@ class _Entry:
 _lock = threading.Lock()
 _entries: dict[str, _Entry] = {}
 _entry_points_loaded = False
+#: every built-in name is in _entries (unregistering one clears it: the next use re-adds it)
+_builtins_present = False
+#: _sorted_entries() while no backend is (un)registered: selection runs on every op call
+_order: list[_Entry] | None = None
 
 # the built-in backends, imported only when first used
 _BUILTIN = {
@@ -177,22 +181,32 @@ def register_backend(
         key = name or backend.name
         if not key:
             raise ValueError("a backend needs a non-empty name")
+    global _order
     with _lock:
         if key in _entries and not replace:
             raise ValueError(f"a backend named {key!r} is already registered (pass replace=True)")
         _entries[key] = _Entry(key, backend)
+        _order = None
 
 
 def unregister_backend(name: str) -> None:
+    global _order, _builtins_present
     with _lock:
         _entries.pop(name, None)
+        _order = None
+        _builtins_present = False
 
 
 def _ensure_builtin() -> None:
-    global _entry_points_loaded
+    global _entry_points_loaded, _builtins_present, _order
+    if _builtins_present and _entry_points_loaded:  # the common case, on every op call
+        return
     with _lock:
         for k, v in _BUILTIN.items():
-            _entries.setdefault(k, _Entry(k, v))
+            if k not in _entries:
+                _entries[k] = _Entry(k, v)
+                _order = None
+        _builtins_present = True
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
@@ -204,7 +218,9 @@ def _ensure_builtin() -> None:
         eps = []
     for ep in eps:
         with _lock:
-            _entries.setdefault(ep.name, _Entry(ep.name, ep.value))
+            if ep.name not in _entries:
+                _entries[ep.name] = _Entry(ep.name, ep.value)
+                _order = None
 
 
 def _load(entry: _Entry) -> Backend | None:
@@ -231,10 +247,16 @@ def registered_backends() -> list[str]:
 
 
 def _sorted_entries() -> list[_Entry]:
-    entries = list(_entries.values())
-    for e in entries:
-        _load(e)
-    return sorted(entries, key=lambda e: -(e.instance.priority if e.instance else -1000))
+    """Every entry, loaded (or failed), highest priority first."""
+    global _order
+    order = _order
+    if order is None:
+        entries = list(_entries.values())
+        for e in entries:
+            _load(e)
+        order = sorted(entries, key=lambda e: -(e.instance.priority if e.instance else -1000))
+        _order = order
+    return order
 
 
 def get_backend(name: str) -> Backend:

@@ -191,6 +191,29 @@ def test_cached_weights_follow_in_place_updates():
     torch.testing.assert_close(third, second)
 
 
+def test_cached_constants_follow_in_place_updates():
+    """A, D and delta_bias are converted once per tensor and reused while unchanged: an in-place
+    update (or the same A under another route count) must not reuse the old host copies."""
+    numba_or_skip()
+    p = dict(routes="cross2d", batch=1, dim=8, H=3, W=5, N=2, rank=2, channels_last=True,
+             layout="contiguous", softplus=True, with_D=True, with_bias=True)  # fmt: skip
+    args, kwargs = _case(p, torch.float32)
+    x, delta, A, B, C, D, bias, sp = args
+    with torch.no_grad(), scanlib.use_backend("numba"):
+        scanlib.cross_selective_scan(*args, **kwargs)  # fills the caches
+        A.mul_(0.5)
+        D.add_(1.0)
+        bias.sub_(0.25)
+        got = scanlib.cross_selective_scan(*args, **kwargs)
+        torch.testing.assert_close(got.double(), _reference(args, kwargs), rtol=2e-5, atol=2e-5)
+        # the same A, D, bias as K=8 routes of half the channels: another [K, N, Di] layout
+        p2 = dict(p, routes="hilbert", dim=4)
+        args2, kwargs2 = _case(p2, torch.float32)
+        args2 = (*args2[:2], A, *args2[3:5], D, bias, sp)
+        got2 = scanlib.cross_selective_scan(*args2, **kwargs2)
+        torch.testing.assert_close(got2.double(), _reference(args2, kwargs2), rtol=2e-5, atol=2e-5)
+
+
 # ---------------------------------------------------------------------------- gradients, dispatch
 def _tiny(dtype=torch.float64, rank=2, requires_grad=True):
     p = dict(routes="cross2d", batch=1, dim=2, H=2, W=3, N=1, rank=rank, channels_last=False,

@@ -684,3 +684,65 @@ def test_cpu_inference_batch_chunking_is_exact(monkeypatch):
         monkeypatch.setattr(layers, "_CPU_BLOCK_CHUNK", 1 << 40)  # never split
         whole = model(x)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+def test_ss2d_constants_cached_without_grad_and_follow_updates():
+    """Without gradients SS2D hands the scan the same A, D and delta_bias tensors on every call
+    (so backends can cache their host copies); an in-place parameter update makes new ones, and
+    with gradients they are made afresh (part of the graph)."""
+    model = vmamba.create_model("vmamba_nano").eval()
+    ss2d = next(m for m in model.modules() if isinstance(m, SS2D))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first = ss2d._constants(torch.float32)
+        assert all(a is b for a, b in zip(first, ss2d._constants(torch.float32)))
+        assert not any(t.is_inference() for t in first)
+        y0 = model(x)
+        for m in model.modules():
+            if isinstance(m, SS2D):
+                m.A_logs.add_(0.5)
+                m.Ds.mul_(0.5)
+                m.dt_projs_bias.sub_(0.1)
+        again = ss2d._constants(torch.float32)
+        assert again[0] is not first[0] and again[2] is not first[2]  # (D is Ds itself)
+        torch.testing.assert_close(again[0], -torch.exp(ss2d.A_logs))
+        torch.testing.assert_close(again[2], ss2d.dt_projs_bias.reshape(-1))
+        y1 = model(x)
+    with torch.inference_mode():
+        assert torch.equal(model(x), y1)
+    fresh = vmamba.create_model("vmamba_nano").eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y1)
+    assert not torch.allclose(y0, y1)
+    a, _, _ = ss2d._constants(torch.float32)  # grad enabled, parameters require grad
+    assert a.requires_grad and a is not again[0]
+
+
+def test_inference_activations_respect_forward_hooks():
+    """In inference the activations after a conv or fc1 run in place, unless a forward hook could
+    see the overwritten tensor or the activation module: hooks see what they would in eager."""
+    model = vmamba.create_model("vmamba_nano").eval()
+    mlp = next(m for m in model.modules() if isinstance(m, vmamba.layers.Mlp))
+    ss2d = next(m for m in model.modules() if isinstance(m, SS2D))
+    seen = {}
+
+    def keep(name):
+        return lambda mod, inp, out: seen.setdefault(name, out)
+
+    handles = [
+        mlp.fc1.register_forward_hook(keep("fc1")),
+        ss2d.act.register_forward_hook(keep("act")),
+    ]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        fc1_in = {}
+        h = mlp.fc1.register_forward_pre_hook(lambda mod, inp: fc1_in.setdefault("x", inp[0]))
+        seen.clear()
+        model(x)
+        h.remove()
+        torch.testing.assert_close(seen["fc1"], mlp.fc1(fc1_in["x"]))  # not GELU'd in place
+    assert "act" in seen  # the SiLU module itself ran
+    for h in handles:
+        h.remove()

@@ -310,18 +310,42 @@ class SS2D(nn.Module):
                 return torch.cat([self._scan(xc, channels_last) for xc in x.split(step)])
         return self._scan(x, channels_last)
 
-    def _A(self, cdt: torch.dtype) -> torch.Tensor:
-        """A = -exp(A_logs): [K*Di, N]."""
-        return -torch.exp(self.A_logs.to(cdt))
+    def _scan_args(self, cdt: torch.dtype) -> tuple[torch.Tensor, dict]:
+        """A = -exp(A_logs) ``[K*Di, N]`` and the scan arguments both scan paths share (D skip,
+        dt bias + softplus, float32 out)."""
+        a, d, bias = self._constants(cdt)
+        opts = dict(D=d, delta_bias=bias, delta_softplus=True, out_dtype=cdt)
+        return a, {**opts, "backend": self.cfg.scan_backend}
 
-    def _scan_options(self, cdt: torch.dtype) -> dict:
-        """The scan arguments both scan paths share (D skip, dt bias + softplus, float32 out)."""
-        return dict(
-            D=self.Ds.to(cdt),
-            delta_bias=self.dt_projs_bias.reshape(-1).to(cdt),
-            delta_softplus=True,
-            out_dtype=cdt,
-            backend=self.cfg.scan_backend,
+    def _constants(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A = -exp(A_logs) [K*Di, N], D [K*Di], delta_bias [K*Di]) in ``cdt``.
+
+        Without gradients they are made once and kept while the parameters are unchanged (their
+        version counters and storage): the same tensors on every call, so a backend's cache of
+        its host-side copies (keyed by tensor) hits, and batch-1 inference skips three ops a
+        call. Kept as normal tensors (not inference tensors), whose version counters backends
+        can check."""
+        a, d, bias = self.A_logs, self.Ds, self.dt_projs_bias
+        if (
+            torch.is_grad_enabled() and (a.requires_grad or d.requires_grad or bias.requires_grad)
+        ) or torch.compiler.is_compiling():
+            return self._make_constants(cdt)
+        if a.is_inference() or d.is_inference() or bias.is_inference():
+            return self._make_constants(cdt)
+        key = (cdt, a._version, d._version, bias._version, a.data_ptr(), d.data_ptr(),
+               bias.data_ptr(), a.device)  # fmt: skip
+        got = getattr(self, "_constants_cache", None)  # absent in modules pickled before it
+        if got is None or got[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                got = (key, self._make_constants(cdt))
+            self._constants_cache = got
+        return got[1]
+
+    def _make_constants(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            -torch.exp(self.A_logs.to(cdt)),
+            self.Ds.to(cdt),
+            self.dt_projs_bias.reshape(-1).to(cdt),
         )
 
     def _scan_fused(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -333,6 +357,7 @@ class SS2D(nn.Module):
         map are made by the model."""
         k, n, r = self.k_group, self.d_state, self.dt_rank
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        a, opts = self._scan_args(cdt)
         xl = x if channels_last else x.permute(0, 2, 3, 1)  # [B, H, W, Di]: a view when x is
         b, h, w, di = xl.shape  # channels-last in memory, as in_proj/conv2d leave it
         x_dbl = F.linear(xl, self.x_proj_weight.to(xl.dtype).view(k * (r + 2 * n), di))
@@ -343,7 +368,7 @@ class SS2D(nn.Module):
             x_dbl = x_dbl.to(x.dtype)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         y = scanlib.cross_selective_scan(
-            x, dts, self._A(cdt), bs, cs, **self._scan_options(cdt),
+            x, dts, a, bs, cs, **opts,
             routes=self.routes_key, delta_proj=self.dt_projs_weight, channels_last=channels_last,
         )  # fmt: skip
         if channels_last == self.channels_first:  # the block's layout, as a view
@@ -371,7 +396,8 @@ class SS2D(nn.Module):
             u, delta, bs, cs = (t.to(cdt) for t in (u, delta, bs, cs))
         else:
             delta, bs, cs = (t.to(u.dtype) for t in (delta, bs, cs))
-        ys = scanlib.selective_scan(u, delta, self._A(cdt), bs, cs, **self._scan_options(cdt))
+        a, opts = self._scan_args(cdt)
+        ys = scanlib.selective_scan(u, delta, a, bs, cs, **opts)
         ys = ys.view(b, k, c, length)
         return scanlib.cross_merge(ys, self.routes_key, h, w, channels_last=not self.channels_first)
 
@@ -387,8 +413,7 @@ class SS2D(nn.Module):
         if self.conv2d is not None:
             if not self.channels_first:
                 x = x.permute(0, 3, 1, 2)
-            x = self.conv2d(x)
-            x = self._act_fresh(x)
+            x = _act_fresh(self.act, self.conv2d(x), self.conv2d)
         else:
             channels_last = not self.channels_first
             x = self.act(x)
@@ -397,10 +422,6 @@ class SS2D(nn.Module):
         if z is not None:
             y = y * z
         return self.dropout(self.out_proj(y))
-
-    def _act_fresh(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.act(x)`` for the conv's fresh output (see :func:`_act_fresh`)."""
-        return _act_fresh(self.act, x)
 
     def extra_repr(self) -> str:
         routes = self.routes_key
@@ -415,12 +436,23 @@ class SS2D(nn.Module):
 # MLP and the VSS block
 
 
-def _act_fresh(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)`` for a fresh tensor nothing else reads (a conv's or linear's output): in place
-    when no gradient needs x. A second multi-MB tensor per call is page-faulted in afresh on
-    CPU: SS2D's conv + SiLU at stage 1, batch 8, took 16.6 ms out of place and 3.7 ms in place;
-    the MLP's GELU in place made a VMamba-T forward at batch 8 1.8 % faster (2 threads)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether forward hooks (on these modules, or global ones) may see their tensors."""
+    from torch.nn.modules import module as m
+
+    if getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None):
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+
+
+def _act_fresh(act: nn.Module, x: torch.Tensor, source: nn.Module) -> torch.Tensor:
+    """``act(x)`` for the fresh output ``x`` of ``source`` (a conv or linear): in place when no
+    gradient needs x and no forward hook can see x or the activation (a hook that kept
+    ``source``'s output must not find it overwritten; a hook on ``act`` must run). A second
+    multi-MB tensor per call is page-faulted in afresh on CPU: SS2D's conv + SiLU at stage 1,
+    batch 8, took 16.6 ms out of place and 3.7 ms in place; the MLP's GELU in place made a
+    VMamba-T forward at batch 8 1.8 % faster (2 threads)."""
+    if (torch.is_grad_enabled() and x.requires_grad) or _hooked(act, source):
         return act(x)
     kind = type(act)
     if kind is nn.SiLU:
@@ -444,7 +476,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(cfg.drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(_act_fresh(self.act, self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(_act_fresh(self.act, self.fc1(x), self.fc1))))
 
 
 class GatedMlp(nn.Module):
