@@ -313,7 +313,8 @@ def _run_throughput(args: argparse.Namespace) -> int:
 
     if args.rounds:
         print(
-            f"latency over the first model's, median of {args.rounds} paired rounds (> 1: it is faster)"
+            f"latency over the first model's, median of {args.rounds} paired rounds "
+            "(> 1: the first model is faster)"
         )
         for p in paired_ratios(results):
             print(
