@@ -46,9 +46,9 @@ def build(name: str, res: int, backend: str | None) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kw).eval()
 
 
-#: the parts ``--stages`` times: (label, attribute path from a stage or block, per-block?)
-#: VMamba (VSSM) and timm's Swin share this structure: ``patch_embed``, ``layers[i].blocks`` and
-#: ``layers[i].downsample`` (VMamba downsamples after a stage, Swin before it)
+#: the token mixers ``--stages`` times inside each block: attribute -> label. VMamba (VSSM) and
+#: timm's Swin share the rest of the structure: ``patch_embed``, ``layers[i].blocks`` (each with
+#: ``.mlp``) and ``layers[i].downsample`` (VMamba downsamples after a stage, Swin before it)
 MIXERS = {"op": "SS2D", "attn": "window attention"}
 
 

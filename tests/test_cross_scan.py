@@ -200,6 +200,7 @@ def test_cached_constants_follow_in_place_updates():
     args, kwargs = _case(p, torch.float32)
     x, delta, A, B, C, D, bias, sp = args
     with torch.no_grad(), scanlib.use_backend("numba"):
+        assert scanlib.cross.explain_cross(*args, **kwargs)["selected"] == ["numba"]  # fused
         scanlib.cross_selective_scan(*args, **kwargs)  # fills the caches
         A.mul_(0.5)
         D.add_(1.0)
@@ -211,7 +212,25 @@ def test_cached_constants_follow_in_place_updates():
         args2, kwargs2 = _case(p2, torch.float32)
         args2 = (*args2[:2], A, *args2[3:5], D, bias, sp)
         got2 = scanlib.cross_selective_scan(*args2, **kwargs2)
+        from scanlib_backends.numba import cross as nb_cross
+
+        # one entry per (tensor, layout): A as K=4 and as K=8 routes
+        assert {(id(A), "A4"), (id(A), "A8"), (id(bias), "bias")} <= set(nb_cross._arrays)
         torch.testing.assert_close(got2.double(), _reference(args2, kwargs2), rtol=2e-5, atol=2e-5)
+
+
+def test_cached_host_copies_go_with_their_tensor():
+    """A cache entry (which may share the tensor's storage) is dropped when its tensor dies, so
+    tensors passed once are not kept alive."""
+    numba_or_skip()
+    from scanlib_backends.numba import cross as nb_cross
+
+    t = torch.randn(5)
+    key = (id(t), "probe")
+    arr = nb_cross._cached(t, "probe", torch.float32, lambda x: x.numpy())
+    assert key in nb_cross._arrays and nb_cross._cached(t, "probe", torch.float32, None) is arr
+    del t, arr
+    assert key not in nb_cross._arrays
 
 
 # ---------------------------------------------------------------------------- gradients, dispatch

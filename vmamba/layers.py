@@ -314,8 +314,9 @@ class SS2D(nn.Module):
         """A = -exp(A_logs) ``[K*Di, N]`` and the scan arguments both scan paths share (D skip,
         dt bias + softplus, float32 out)."""
         a, d, bias = self._constants(cdt)
-        opts = dict(D=d, delta_bias=bias, delta_softplus=True, out_dtype=cdt)
-        return a, {**opts, "backend": self.cfg.scan_backend}
+        return a, dict(
+            D=d, delta_bias=bias, delta_softplus=True, out_dtype=cdt, backend=self.cfg.scan_backend
+        )
 
     def _constants(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A = -exp(A_logs) [K*Di, N], D [K*Di], delta_bias [K*Di]) in ``cdt``.

@@ -465,9 +465,8 @@ def _cached(t: torch.Tensor, kind: str, dtype: torch.dtype, make) -> np.ndarray:
     if got is not None and got[0]() is t and got[1] == state:
         return got[2]
     arr = make(t)
-    if len(_arrays) >= 1024:  # entries of dead tensors: start over
-        _arrays.clear()
-    _arrays[key] = (weakref.ref(t), state, arr)
+    # the entry goes with its tensor (arr may share its storage: a dead tensor's must not be kept)
+    _arrays[key] = (weakref.ref(t, lambda _, key=key: _arrays.pop(key, None)), state, arr)
     return arr
 
 
